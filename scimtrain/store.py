@@ -1,0 +1,334 @@
+"""Read a CellArr-layout TileDB store: cell metadata, genes, samples and rows of counts.
+
+A store is a folder or any TileDB URI (``s3://bucket/atlas`` works through the TileDB config
+passed as ``config``) holding four arrays (SPEC §1):
+
+- ``counts`` (SCimilarity's location) or ``assays/counts`` (where the ``cellarr`` package
+  writes it): sparse, dims (cell, gene), one attribute of raw counts;
+- ``cell_metadata``, ``gene_annotation``, ``sample_metadata``: dataframes.
+
+TileDB handles and the TileDB context are created lazily *in the process that reads* and keyed
+by process id: a forked DataLoader worker never touches a handle or context of its parent (with
+tiledb 0.36, forked workers that reuse the parent's default context hang), and the store pickles
+without handles, so "spawn" workers work too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import tiledb
+
+COUNTS_LOCATIONS = ("counts", "assays/counts")
+FRAMES = ("cell_metadata", "gene_annotation", "sample_metadata")
+GENE_SYMBOL_COLUMN = "cellarr_gene_index"
+
+# Handles inherited through fork are parked here instead of being closed or garbage
+# collected in the child: tearing down a parent's TileDB object in a forked child is exactly
+# the kind of cross-process use that can hang.
+_INHERITED: list = []
+
+
+class StoreError(ValueError):
+    """A store, or a request to it, is not usable; the message says what to fix."""
+
+
+def join_uri(base: str, name: str) -> str:
+    """Join a TileDB URI (local path, ``s3://``, ``tiledb://``) and a relative name."""
+    return f"{base.rstrip('/')}/{name}"
+
+
+class CellArrStore:
+    """One CellArr store, opened lazily and per process.
+
+    Args:
+        uri: the store's folder or TileDB URI.
+        config: TileDB config parameters (e.g. ``{"vfs.s3.region": "us-west-2"}`` or
+            ``{"sm.compute_concurrency_level": 1}``), applied to every context this store makes.
+        counts: where the counts array lives, relative to ``uri``; ``None`` finds ``counts``
+            or ``assays/counts``.
+        gene_column: the ``gene_annotation`` column holding gene symbols.
+
+    Raises:
+        StoreError: the URI is not a store, or lacks one of the four arrays.
+    """
+
+    def __init__(
+        self,
+        uri: str | os.PathLike,
+        config: Mapping[str, object] | None = None,
+        counts: str | None = None,
+        gene_column: str = GENE_SYMBOL_COLUMN,
+    ) -> None:
+        self.uri = str(uri)
+        self.config = {k: str(v) for k, v in (config or {}).items()}
+        self.gene_column = gene_column
+        self._pid: int | None = None
+        self._ctx: tiledb.Ctx | None = None
+        self._counts: tiledb.SparseArray | None = None
+        self.counts_uri = self._find_counts(counts)
+        self._check_frames()
+        with self._open(self.counts_uri) as arr:
+            schema = arr.schema
+            if not schema.sparse or schema.ndim != 2:
+                raise StoreError(
+                    f"{self.counts_uri} is not a sparse 2-D array (cell, gene); "
+                    "a CellArr counts array is sparse with dims cell_index and gene_index."
+                )
+            self.counts_attr = schema.attr(0).name
+            self.cell_dim = schema.domain.dim(0).name
+            self.gene_dim = schema.domain.dim(1).name
+            counts_extent = arr.nonempty_domain()
+        self.n_cells = self._frame_rows("cell_metadata")
+        self.n_genes = self._frame_rows("gene_annotation")
+        if counts_extent is not None:
+            (c0, c1), (g0, g1) = counts_extent
+            if int(c1) >= self.n_cells or int(g1) >= self.n_genes:
+                raise StoreError(
+                    f"{self.counts_uri} holds cells up to {c1} and genes up to {g1}, but "
+                    f"cell_metadata has {self.n_cells} rows and gene_annotation "
+                    f"{self.n_genes}: the arrays of {self.uri} do not belong together."
+                )
+
+    # ------------------------------------------------------------------ handles
+
+    def _context(self) -> tiledb.Ctx:
+        """The TileDB context of the calling process (made on first use in each process)."""
+        pid = os.getpid()
+        if self._pid != pid:
+            if self._counts is not None:
+                _INHERITED.append(self._counts)
+            self._counts = None
+            self._ctx = tiledb.Ctx(tiledb.Config(self.config))
+            self._pid = pid
+        return self._ctx
+
+    def _open(self, uri: str) -> tiledb.Array:
+        return tiledb.open(uri, mode="r", ctx=self._context())
+
+    def counts_array(self) -> tiledb.SparseArray:
+        """The counts array, open for reading in this process (kept open across calls)."""
+        ctx = self._context()
+        if self._counts is None:
+            self._counts = tiledb.open(self.counts_uri, mode="r", ctx=ctx)
+        return self._counts
+
+    def close(self) -> None:
+        """Close this process's counts handle (frames are opened per call)."""
+        if self._counts is not None and self._pid == os.getpid():
+            self._counts.close()
+        self._counts = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_pid=None, _ctx=None, _counts=None)
+        return state
+
+    def _object_type(self, uri: str) -> str | None:
+        return tiledb.object_type(uri, ctx=self._context())
+
+    def _find_counts(self, counts: str | None) -> str:
+        if self._object_type(self.uri) is None and not os.path.isdir(self.uri):
+            raise StoreError(
+                f"{self.uri} does not exist or is not a TileDB store; pass the folder (or URI) "
+                "that holds counts, cell_metadata, gene_annotation and sample_metadata."
+            )
+        candidates = (counts,) if counts else COUNTS_LOCATIONS
+        for rel in candidates:
+            uri = join_uri(self.uri, rel)
+            if self._object_type(uri) == "array":
+                return uri
+        where = f"'{counts}'" if counts else " or ".join(f"'{c}'" for c in COUNTS_LOCATIONS)
+        raise StoreError(
+            f"{self.uri} has no counts array at {where}; pass the right location with "
+            "counts=... (--counts_location) or point at a CellArr store."
+        )
+
+    def _check_frames(self) -> None:
+        missing = [f for f in FRAMES if self._object_type(join_uri(self.uri, f)) != "array"]
+        if missing:
+            raise StoreError(
+                f"{self.uri} lacks the array(s) {', '.join(missing)}; a CellArr store needs "
+                f"counts plus {', '.join(FRAMES)} (build one with bin/build_store.py)."
+            )
+
+    def _frame_rows(self, frame: str) -> int:
+        with self._open(join_uri(self.uri, frame)) as arr:
+            extent = arr.nonempty_domain()
+        return 0 if extent is None else int(extent[0][1]) + 1
+
+    # ------------------------------------------------------------------ frames
+
+    def columns(self, frame: str = "cell_metadata") -> list[str]:
+        """The attribute (column) names of one dataframe array."""
+        with self._open(join_uri(self.uri, frame)) as arr:
+            return [arr.schema.attr(i).name for i in range(arr.schema.nattr)]
+
+    def read_frame(self, frame: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """A whole dataframe array (or some of its columns), indexed by its row number."""
+        return self._query_frame(frame, None, columns)
+
+    def query_cells(
+        self, condition: str | None, columns: Sequence[str]
+    ) -> pd.DataFrame:
+        """Cells of ``cell_metadata`` that satisfy a TileDB query-condition string.
+
+        Args:
+            condition: e.g. ``"total_counts>1000 and cellTypeOntologyID!='nan'"``; ``None`` or
+                ``""`` selects every cell.
+            columns: the columns to return.
+
+        Returns:
+            A DataFrame indexed by ``cell_index`` (int64, ascending) holding ``columns``. Rows
+            where any returned column is missing (null string ``'\\x00'``, empty string, NaN, or
+            the column's fill value) are dropped, as SCimilarity drops them.
+
+        Raises:
+            StoreError: the condition cannot be parsed or names an unknown column, or a
+                requested column does not exist.
+        """
+        return self._query_frame("cell_metadata", condition or None, columns)
+
+    def sample_metadata(self) -> pd.DataFrame:
+        """The ``sample_metadata`` frame, all columns, indexed by row number."""
+        return self.read_frame("sample_metadata")
+
+    @property
+    def gene_symbols(self) -> np.ndarray:
+        """Gene symbols in store order (index = ``gene_index``), an object array of str."""
+        if not hasattr(self, "_gene_symbols"):
+            frame = self.read_frame("gene_annotation", [self.gene_column])
+            if len(frame) != self.n_genes:
+                raise StoreError(
+                    f"gene_annotation of {self.uri} has missing symbols in column "
+                    f"'{self.gene_column}'"
+                )
+            self._gene_symbols = frame[self.gene_column].to_numpy(dtype=object)
+        return self._gene_symbols
+
+    def _query_frame(
+        self, frame: str, condition: str | None, columns: Sequence[str] | None
+    ) -> pd.DataFrame:
+        uri = join_uri(self.uri, frame)
+        with self._open(uri) as arr:
+            schema = arr.schema
+            available = [schema.attr(i).name for i in range(schema.nattr)]
+            if columns is None:
+                columns = available
+            unknown = [c for c in columns if c not in available]
+            if unknown:
+                raise StoreError(
+                    f"{frame} of {self.uri} has no column(s) {unknown}; it has {available}. "
+                    "Pass the right column names (e.g. --label_id_column / --study_column)."
+                )
+            row_dim = schema.domain.dim(0).name
+            try:
+                raw = arr.query(cond=condition, attrs=list(columns),
+                                dims=[row_dim]).multi_index[:]
+            except tiledb.TileDBError as exc:
+                raise StoreError(
+                    f"TileDB could not evaluate the condition {condition!r} on {frame} of "
+                    f"{self.uri}: {_first_line(exc)}. Conditions use column names, quoted "
+                    f"strings and and/or, e.g. \"total_counts>1000 and label!='nan'\"; "
+                    f"the columns are {available}."
+                ) from exc
+            fills = {c: schema.attr(c).fill for c in columns}
+        rows = np.asarray(raw[row_dim], dtype=np.int64)
+        data = {c: raw[c] for c in columns}
+        keep = np.ones(len(rows), dtype=bool)
+        for c in columns:
+            keep &= ~_missing(data[c], fills[c])
+        index = pd.Index(rows[keep], name="cell_index" if frame == "cell_metadata" else None)
+        out = pd.DataFrame({c: data[c][keep] for c in columns}, index=index)
+        return out.sort_index()
+
+    # ------------------------------------------------------------------ counts
+
+    def read_rows(self, cell_indices: Iterable[int] | np.ndarray) -> sp.csr_matrix:
+        """Rows of ``counts`` as a CSR matrix, in the order asked (repeats allowed).
+
+        Args:
+            cell_indices: cell indices (rows of ``cell_metadata``).
+
+        Returns:
+            ``csr_matrix`` of shape ``(len(cell_indices), n_genes)``, float32 values, column
+            indices sorted within each row. One TileDB query reads every distinct cell:
+            neighbouring cells are coalesced into ranges.
+        """
+        idx = np.asarray(cell_indices, dtype=np.int64).ravel()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_cells):
+            bad = idx[(idx < 0) | (idx >= self.n_cells)][0]
+            raise StoreError(f"cell index {bad} is outside 0..{self.n_cells - 1} of {self.uri}")
+        unique = np.unique(idx)
+        rows = self._read_sorted_unique(unique)
+        if unique.size == idx.size and np.array_equal(unique, idx):
+            return rows
+        return rows[np.searchsorted(unique, idx)]
+
+    def _read_sorted_unique(self, cells: np.ndarray) -> sp.csr_matrix:
+        shape = (cells.size, self.n_genes)
+        if cells.size == 0:
+            return sp.csr_matrix(shape, dtype=np.float32)
+        arr = self.counts_array()
+        ranges = [slice(int(a), int(b)) for a, b in coalesce_ranges(cells)]
+        # Unordered results avoid a sort inside TileDB; we only need rows grouped, which a
+        # single consolidated fragment already gives in global (row-major) order.
+        result = arr.query(attrs=[self.counts_attr], dims=[self.cell_dim, self.gene_dim],
+                           order="U").multi_index[ranges, :]
+        cell = result[self.cell_dim].astype(np.int64, copy=False)
+        gene = result[self.gene_dim].astype(np.int32, copy=False)
+        value = result[self.counts_attr].astype(np.float32, copy=False)
+        if cell.size > 1 and not (_is_sorted(cell) and _genes_sorted_within(cell, gene)):
+            order = np.lexsort((gene, cell))
+            cell, gene, value = cell[order], gene[order], value[order]
+        row = np.searchsorted(cells, cell)
+        indptr = np.zeros(cells.size + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row, minlength=cells.size), out=indptr[1:])
+        return sp.csr_matrix((value, gene, indptr), shape=shape)
+
+
+def coalesce_ranges(sorted_unique: np.ndarray) -> np.ndarray:
+    """Runs of consecutive integers in a sorted unique array as inclusive ``[start, end]`` rows.
+
+    >>> coalesce_ranges(np.array([1, 2, 3, 7, 9, 10])).tolist()
+    [[1, 3], [7, 7], [9, 10]]
+    """
+    values = np.asarray(sorted_unique, dtype=np.int64)
+    if values.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(values) != 1)
+    starts = np.concatenate(([values[0]], values[breaks + 1]))
+    ends = np.concatenate((values[breaks], [values[-1]]))
+    return np.stack([starts, ends], axis=1)
+
+
+def _is_sorted(a: np.ndarray) -> bool:
+    return bool(np.all(a[1:] >= a[:-1]))
+
+
+def _genes_sorted_within(cell: np.ndarray, gene: np.ndarray) -> bool:
+    same_row = cell[1:] == cell[:-1]
+    return bool(np.all(gene[1:][same_row] > gene[:-1][same_row]))
+
+
+def _missing(values: np.ndarray, fill: object) -> np.ndarray:
+    """Which entries of one column count as missing (null string, empty, NaN, fill value)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "OUS":
+        as_str = values.astype(str)
+        return (as_str == "") | (as_str == "\x00")
+    missing = np.zeros(values.shape, dtype=bool)
+    if values.dtype.kind == "f":
+        missing |= np.isnan(values)
+    fill_value = np.asarray(fill).ravel()
+    if fill_value.size == 1 and values.dtype.kind in "iuf" and not np.isnan(fill_value[0]):
+        missing |= values == fill_value[0]
+    return missing
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,327 @@
+"""Vectorised mining and losses against the plain-Python reference (SPEC §5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.reference_impl import (
+    HAND_PARENTS,
+    descendant_matrix,
+    parent_matrix,
+    random_ontology,
+    reference_distances,
+    reference_mine,
+)
+
+from scimtrain.losses import (
+    LossConfig,
+    compute_loss,
+    l1_penalty,
+    mine_triplets,
+    mixed_loss,
+    perturb_labels,
+    reconstruction_loss,
+    triplet_loss,
+)
+from scimtrain.model import Encoder
+
+HAND_PARENT = parent_matrix(HAND_PARENTS)
+HAND_DESC = descendant_matrix(HAND_PARENT)
+
+
+def make_batch(seed: int, n: int = 120, n_labels: int | None = None, n_studies: int = 3,
+               dim: int = 6, ontology: str = "hand"):
+    """Clustered unit embeddings (float64, so rounding never decides a comparison)."""
+    rng = np.random.default_rng(seed)
+    if ontology == "hand":
+        parent = HAND_PARENT
+    else:
+        parent = random_ontology(n_labels or 15, rng)
+    desc = descendant_matrix(parent)
+    n_labels = len(parent)
+    used = rng.choice(n_labels, size=min(n_labels, 7), replace=False)
+    labels = rng.choice(used, size=n)
+    centres = rng.normal(size=(n_labels, dim))
+    emb = centres[labels] + rng.normal(scale=1.0, size=(n, dim))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    studies = rng.integers(0, n_studies, size=n)
+    return emb, labels, studies, desc, parent
+
+
+def run_both(seed, selection, margin, use_studies, ontology="hand", negative_labels=None):
+    emb, labels, studies, desc, _ = make_batch(seed, ontology=ontology)
+    st = studies if use_studies else None
+    ref = reference_mine(emb, labels, st, desc, margin, selection, negative_labels=negative_labels)
+    gen = torch.Generator().manual_seed(seed)
+    a, p, n, hard, viable = mine_triplets(
+        torch.from_numpy(emb), torch.from_numpy(labels),
+        None if st is None else torch.from_numpy(st), desc,
+        margin=margin, selection=selection, generator=gen,
+        negative_labels=None if negative_labels is None else torch.from_numpy(negative_labels),
+        dummy_triplet=False,
+    )
+    got = list(zip(a.tolist(), p.tolist(), n.tolist()))
+    return emb, ref, got, hard, viable
+
+
+CASES = [
+    (seed, margin, use_studies, ontology)
+    for seed in range(4)
+    for margin in (0.05, 0.5)
+    for use_studies in (True, False)
+    for ontology in ("hand", "random")
+]
+
+
+@pytest.mark.parametrize("seed,margin,use_studies,ontology", CASES)
+def test_hardest_matches_reference(seed, margin, use_studies, ontology):
+    _, ref, got, hard, viable = run_both(seed, "hardest", margin, use_studies, ontology)
+    assert sorted(got) == sorted(ref["triplets"])
+    assert (hard, viable) == (ref["num_hard"], ref["num_viable"])
+
+
+@pytest.mark.parametrize("selection", ["semihard", "random"])
+@pytest.mark.parametrize("seed,margin,use_studies,ontology", CASES)
+def test_sampled_negatives_lie_in_their_window(selection, seed, margin, use_studies, ontology):
+    emb, ref, got, hard, viable = run_both(seed, selection, margin, use_studies, ontology)
+    assert (hard, viable) == (ref["num_hard"], ref["num_viable"])
+    ref_pairs = {pair for pair, window in ref["windows"].items() if window.size}
+    assert {(a, p) for a, p, _ in got} == ref_pairs
+    assert len(got) == len(ref_pairs)  # one triplet per pair
+    dist = reference_distances(emb)
+    for a, p, n in got:
+        assert n in set(ref["windows"][(a, p)].tolist())
+        v = dist[a, p] - dist[a, n] + margin
+        assert v > 0 and (selection == "random" or v < margin)
+    assert ref_pairs, "test batch too easy: no triplets at all"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_negative_labels_exclude_by_original_labels(seed):
+    emb, labels, studies, desc, parent = make_batch(seed)
+    perturbed = perturb_labels(torch.from_numpy(labels), parent, 0.5,
+                               torch.Generator().manual_seed(seed)).numpy()
+    assert (perturbed != labels).any()
+    ref = reference_mine(emb, perturbed, studies, desc, 0.5, "hardest", negative_labels=labels)
+    a, p, n, hard, viable = mine_triplets(
+        torch.from_numpy(emb), torch.from_numpy(perturbed), torch.from_numpy(studies), desc,
+        margin=0.5, selection="hardest", negative_labels=torch.from_numpy(labels),
+        dummy_triplet=False,
+    )
+    assert sorted(zip(a.tolist(), p.tolist(), n.tolist())) == sorted(ref["triplets"])
+    assert (hard, viable) == (ref["num_hard"], ref["num_viable"])
+
+
+def test_pair_rules():
+    # Labels: 3 = CD4 T, 2 = its parent T cell, 5 = B cell, 7 = hepatocyte.
+    labels = torch.tensor([3, 3, 3, 2, 5, 7])
+    studies = torch.tensor([0, 0, 1, 0, 0, 0])
+    emb = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1)
+    a, p, n, _, viable = mine_triplets(emb, labels, studies, HAND_DESC, margin=10.0,
+                                       selection="random", generator=torch.Generator().manual_seed(0))
+    # Only cross-study same-label pairs, anchor first; T cell (ancestor) never a negative.
+    assert sorted(zip(a.tolist(), p.tolist())) == [(0, 2), (1, 2)]
+    assert set(n.tolist()) <= {4, 5}
+    assert viable == 2 * 2
+    a, p, n, _, viable = mine_triplets(emb, labels, None, HAND_DESC, margin=10.0,
+                                       selection="random", generator=torch.Generator().manual_seed(0))
+    assert sorted(zip(a.tolist(), p.tolist())) == [(0, 1), (0, 2), (1, 2)]
+
+
+def test_same_seed_same_triplets_and_chunking_does_not_matter():
+    emb, labels, studies, desc, _ = make_batch(7, n=200)
+    args = (torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(studies), desc)
+    runs = [
+        mine_triplets(*args, margin=0.5, selection="semihard",
+                      generator=torch.Generator().manual_seed(11), chunk_elements=ce)
+        for ce in (1 << 22, 1 << 22, 1000, 1)
+    ]
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+    different = mine_triplets(*args, margin=0.5, selection="semihard",
+                              generator=torch.Generator().manual_seed(12))
+    assert not torch.equal(runs[0][2], different[2])
+
+
+def test_float32_embeddings_match_float64_hardest():
+    emb, labels, studies, desc, _ = make_batch(3)
+    ref = reference_mine(emb, labels, studies, desc, 0.5, "hardest")
+    a, p, n, hard, viable = mine_triplets(
+        torch.from_numpy(emb).float(), torch.from_numpy(labels), torch.from_numpy(studies),
+        torch.from_numpy(desc), margin=0.5, selection="hardest")
+    got = set(zip(a.tolist(), p.tolist(), n.tolist()))
+    # float32 may flip a near-tie; demand near-total agreement.
+    assert len(got & set(ref["triplets"])) >= 0.98 * len(ref["triplets"])
+    assert abs(hard - ref["num_hard"]) <= 0.01 * ref["num_hard"] and viable == ref["num_viable"]
+
+
+def test_no_triplet_gives_dummy_or_nothing():
+    emb = torch.nn.functional.normalize(torch.randn(5, 3), dim=1).requires_grad_()
+    labels = torch.tensor([3, 3, 2, 2, 9])  # only related labels: no candidate negatives
+    a, p, n, hard, viable = mine_triplets(emb, labels, None, HAND_DESC, margin=0.05,
+                                          selection="semihard")
+    assert (a.tolist(), p.tolist(), n.tolist(), hard, viable) == ([0], [0], [0], 0, 0)
+    mean, per = triplet_loss(emb, a, p, n, 0.05)
+    assert torch.allclose(mean, torch.tensor(0.05), atol=1e-6)
+    a, p, n, _, _ = mine_triplets(emb, labels, None, HAND_DESC, margin=0.05,
+                                  selection="semihard", dummy_triplet=False)
+    assert a.numel() == p.numel() == n.numel() == 0
+    mean, per = triplet_loss(emb, a, p, n, 0.05)
+    assert mean.item() == 0.0 and per.numel() == 0
+    mean.backward()  # still part of the graph
+    assert torch.count_nonzero(emb.grad) == 0
+
+
+def test_gradients_reach_only_selected_embeddings():
+    emb_np, labels, studies, desc, _ = make_batch(1, n=80)
+    emb = torch.from_numpy(emb_np).requires_grad_()
+    a, p, n, _, _ = mine_triplets(emb, torch.from_numpy(labels), torch.from_numpy(studies), desc,
+                                  margin=0.5, selection="hardest")
+    assert not a.requires_grad
+    mean, per = triplet_loss(emb, a, p, n, 0.5)
+    mean.backward()
+    touched = set(torch.cat([a, p, n]).tolist())
+    rows_with_grad = set(emb.grad.abs().sum(dim=1).nonzero().squeeze(1).tolist())
+    assert rows_with_grad and rows_with_grad <= touched
+    active = per > 0
+    assert set(a[active].tolist()) <= rows_with_grad
+
+
+def test_triplet_loss_matches_formula():
+    emb = torch.randn(10, 4, dtype=torch.float64)
+    a, p, n = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
+    mean, per = triplet_loss(emb, a, p, n, 0.3)
+    expect = ((emb[a] - emb[p]).norm(dim=1) - (emb[a] - emb[n]).norm(dim=1) + 0.3).clamp_min(0)
+    assert torch.allclose(per, expect, atol=1e-5)
+    assert torch.allclose(mean, expect.mean(), atol=1e-5)
+
+
+def test_perturb_labels_only_moves_to_parents_in_batch():
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        labels = torch.from_numpy(rng.choice([1, 2, 3, 4, 7, 9, 8], size=60))
+        out = perturb_labels(labels, HAND_PARENT, 0.5, gen)
+        assert labels.shape == out.shape and out.dtype == torch.long
+        in_batch = set(labels.tolist())
+        for old, new in zip(labels.tolist(), out.tolist()):
+            if new != old:
+                assert new in in_batch and HAND_DESC[new, old]  # an ancestor present in the batch
+        # 9 (parents 3, 4) and 7 (parent 6 absent) / 8 (parent 0 absent): only 9, 1-4 can move.
+        moved = {old for old, new in zip(labels.tolist(), out.tolist()) if new != old}
+        assert moved <= {2, 3, 4, 9}
+    # One level only when every cell is drawn at most once in expectation; direct parents:
+    labels = torch.tensor([3, 4, 2])
+    out = perturb_labels(labels, HAND_PARENT, 1 / 3, torch.Generator().manual_seed(1))
+    changed = [(o, n) for o, n in zip(labels.tolist(), out.tolist()) if o != n]
+    assert all(HAND_PARENT[o, n] for o, n in changed)
+    assert torch.equal(perturb_labels(labels, HAND_PARENT, 0.0), labels)
+
+
+def test_perturb_labels_seeded_and_both_parents_reachable():
+    labels = torch.tensor([9] * 200 + [3, 4])
+    a = perturb_labels(labels, HAND_PARENT, 0.5, torch.Generator().manual_seed(5))
+    b = perturb_labels(labels, HAND_PARENT, 0.5, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    # Cells of 9 move to 3 or 4 (uniform); drawn twice, a 3/4 could climb to 2, absent here.
+    assert set(a[:200].tolist()) == {3, 4, 9}
+
+
+def test_bad_inputs_name_the_argument():
+    emb = torch.randn(4, 3)
+    labels = torch.tensor([0, 1, 1, 2])
+    with pytest.raises(ValueError, match="selection"):
+        mine_triplets(emb, labels, None, HAND_DESC, margin=0.1, selection="easy")
+    with pytest.raises(ValueError, match="margin"):
+        mine_triplets(emb, labels, None, HAND_DESC, margin=0.0, selection="hardest")
+    with pytest.raises(ValueError, match="labels"):
+        mine_triplets(emb, labels[:3], None, HAND_DESC, margin=0.1, selection="hardest")
+    with pytest.raises(ValueError, match="labels"):
+        mine_triplets(emb, torch.tensor([0, 1, 1, 10]), None, HAND_DESC, margin=0.1,
+                      selection="hardest")
+    with pytest.raises(TypeError, match="labels"):
+        mine_triplets(emb, labels.float(), None, HAND_DESC, margin=0.1, selection="hardest")
+    with pytest.raises(ValueError, match="studies"):
+        mine_triplets(emb, labels, torch.tensor([0, 1]), HAND_DESC, margin=0.1,
+                      selection="hardest")
+    with pytest.raises(ValueError, match="descendant"):
+        mine_triplets(emb, labels, None, HAND_DESC[:3], margin=0.1, selection="hardest")
+    with pytest.raises(ValueError, match="embeddings"):
+        mine_triplets(emb[0], labels, None, HAND_DESC, margin=0.1, selection="hardest")
+    with pytest.raises(ValueError, match="negative_selection"):
+        LossConfig(negative_selection="hard")
+    with pytest.raises(ValueError, match="triplet_loss_weight"):
+        LossConfig(triplet_loss_weight=2.0)
+    with pytest.raises(ValueError, match="reconstruction"):
+        reconstruction_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_mixed_loss_and_l1():
+    t, m = torch.tensor(2.0), torch.tensor(4.0)
+    assert mixed_loss(t, m, 0.0) is m and mixed_loss(t, m, 1.0) is t
+    assert torch.isclose(mixed_loss(t, m, 0.25), torch.tensor(0.25 * 2 + 0.75 * 4))
+    enc = Encoder(7, latent_dim=3, hidden_dim=[5, 4])
+    first = enc.network[0][1]
+    expect = 1e-4 * 0.005 * (first.weight.abs().sum() + first.bias.abs().sum())
+    got = l1_penalty(enc, 1e-4, 0.005)
+    assert torch.isclose(got, expect)
+    got.backward()
+    assert first.weight.grad is not None and enc.network[-1].weight.grad is None
+    assert l1_penalty(enc, 0.0, 0.005).item() == 0.0
+
+
+def test_compute_loss_metrics():
+    emb_np, labels, studies, desc, parent = make_batch(2, n=100)
+    x = torch.randn(100, 12)
+    recon = torch.randn(100, 12, requires_grad=True)
+    emb = torch.from_numpy(emb_np).float().requires_grad_()
+    lab, st = torch.from_numpy(labels), torch.from_numpy(studies)
+    for w in (0.0, 0.001, 1.0):
+        cfg = LossConfig(margin=0.5, triplet_loss_weight=w)
+        loss, m = compute_loss(emb, recon, x, lab, st, torch.from_numpy(desc), cfg,
+                               generator=torch.Generator().manual_seed(0))
+        assert set(m) == {"loss", "triplet_loss", "mse", "hard_triplets", "num_nonzero_loss",
+                          "num_hard_triplets", "num_viable_triplets"}
+        assert all(v.ndim == 0 and not v.requires_grad for v in m.values())
+        assert torch.isclose(m["mse"], ((recon - x) ** 2).mean())
+        assert torch.isclose(m["loss"], w * m["triplet_loss"] + (1 - w) * m["mse"])
+        assert torch.isclose(m["hard_triplets"], m["num_hard_triplets"] / m["num_viable_triplets"])
+        assert 0 < m["num_nonzero_loss"] <= m["num_hard_triplets"]
+        loss.backward()
+    ref = reference_mine(emb_np, labels, studies, desc, 0.5, "hardest")
+    assert m["num_viable_triplets"].item() == ref["num_viable"]
+    # Validation passes studies=None: more pairs, so more viable triplets.
+    _, m_val = compute_loss(emb, recon, x, lab, None, desc, LossConfig(margin=0.5))
+    assert m_val["num_viable_triplets"] > m["num_viable_triplets"]
+    # Perturbation needs the parent matrix and stays seeded.
+    cfg = LossConfig(margin=0.5, perturb_labels=True)
+    with pytest.raises(ValueError, match="parent"):
+        compute_loss(emb, recon, x, lab, st, desc, cfg)
+    runs = [compute_loss(emb, recon, x, lab, st, desc, cfg, parent=parent,
+                         generator=torch.Generator().manual_seed(3))[1] for _ in range(2)]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    emb, labels, studies, desc, parent = make_batch(4, n=300)
+    cpu = mine_triplets(torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(studies),
+                        desc, margin=0.5, selection="hardest")
+    gpu = mine_triplets(torch.from_numpy(emb).cuda(), torch.from_numpy(labels).cuda(),
+                        torch.from_numpy(studies).cuda(), torch.from_numpy(desc).cuda(),
+                        margin=0.5, selection="hardest")
+    assert all(torch.equal(torch.as_tensor(c), torch.as_tensor(g).cpu()) for c, g in zip(cpu, gpu))
+    ref = reference_mine(emb, labels, studies, desc, 0.5, "semihard")
+    for gen in (torch.Generator(device="cuda").manual_seed(0), torch.Generator().manual_seed(0)):
+        a, p, n, hard, viable = mine_triplets(
+            torch.from_numpy(emb).cuda(), torch.from_numpy(labels).cuda(),
+            torch.from_numpy(studies).cuda(), desc, margin=0.5, selection="semihard",
+            generator=gen)
+        assert a.is_cuda and (hard, viable) == (ref["num_hard"], ref["num_viable"])
+        for t in zip(a.tolist(), p.tolist(), n.tolist()):
+            assert t[2] in set(ref["windows"][t[:2]].tolist())
+    out = perturb_labels(torch.from_numpy(labels).cuda(), parent, 0.5,
+                         torch.Generator(device="cuda").manual_seed(0))
+    assert out.is_cuda

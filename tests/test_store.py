@@ -1,0 +1,204 @@
+"""The store reader: layout discovery, metadata queries, row reads, per-process handles."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import tiledb
+
+from scimtrain.store import CellArrStore, StoreError, coalesce_ranges
+from tests.conftest import hand_store, random_counts
+
+
+def _cells(n: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "cellTypeOntologyID": ["CL:0000236"] * n,
+        "datasetID": [f"s{i % 3}" for i in range(n)],
+        "sampleID": [f"s{i % 3}_a" for i in range(n)],
+        "total_counts": np.arange(n, dtype=np.float64) * 100,
+        "n_genes_by_counts": np.arange(n),
+        "pct_counts_mt": np.full(n, 1.0),
+        "predicted_doublets": np.zeros(n, dtype=np.int64),
+    })
+
+
+@pytest.fixture
+def small(tmp_path):
+    counts = random_counts(40, 20)
+    uri = hand_store(tmp_path / "small", _cells(40), counts)
+    return uri, counts
+
+
+def test_sizes_and_genes(small):
+    uri, _ = small
+    store = CellArrStore(uri)
+    assert (store.n_cells, store.n_genes) == (40, 20)
+    assert list(store.gene_symbols) == [f"G{i}" for i in range(20)]
+    assert store.counts_attr == "data"
+    assert store.counts_uri.endswith("/counts")
+
+
+def test_read_rows_in_order_asked_with_repeats(small):
+    uri, counts = small
+    store = CellArrStore(uri)
+    ask = np.array([5, 3, 3, 39, 0, 7, 8, 9, 14])  # 7 and 14 are all-zero rows
+    got = store.read_rows(ask)
+    assert got.shape == (len(ask), 20)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.toarray(), counts[ask].toarray())
+    assert got.has_sorted_indices
+    assert store.read_rows([]).shape == (0, 20)
+
+
+def test_read_rows_rejects_out_of_range(small):
+    store = CellArrStore(small[0])
+    with pytest.raises(StoreError, match="cell index 40"):
+        store.read_rows([1, 40])
+
+
+def test_coalesce_ranges():
+    assert coalesce_ranges(np.array([1, 2, 3, 7, 9, 10])).tolist() == [[1, 3], [7, 7], [9, 10]]
+    assert coalesce_ranges(np.array([], dtype=np.int64)).shape == (0, 2)
+
+
+def test_query_cells_condition_and_missing_values(tmp_path):
+    cells = _cells(10)
+    cells.loc[2, "cellTypeOntologyID"] = None  # written as '\x00': missing
+    cells.loc[3, "cellTypeOntologyID"] = "nan"  # the string 'nan' is a value, not missing
+    cells.loc[4, "pct_counts_mt"] = np.nan
+    store = CellArrStore(hand_store(tmp_path / "s", cells))
+    got = store.query_cells("total_counts>=200", ["cellTypeOntologyID", "pct_counts_mt"])
+    assert got.index.name == "cell_index"
+    assert got.index.tolist() == [3, 5, 6, 7, 8, 9]
+    assert got.loc[3, "cellTypeOntologyID"] == "nan"
+    everything = store.query_cells(None, ["datasetID"])
+    assert everything.index.tolist() == list(range(10))
+    strings = store.query_cells("cellTypeOntologyID!='nan' and datasetID=='s1'", ["datasetID"])
+    assert strings.index.tolist() == [1, 4, 7]
+
+
+def test_query_cells_bad_input(small):
+    store = CellArrStore(small[0])
+    with pytest.raises(StoreError, match="no_such_column"):
+        store.query_cells("no_such_column>1", ["datasetID"])
+    with pytest.raises(StoreError, match="could not evaluate"):
+        store.query_cells("total_counts >> 1", ["datasetID"])
+    with pytest.raises(StoreError, match=r"no column\(s\) \['nope'\]"):
+        store.query_cells(None, ["nope"])
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        CellArrStore(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="no counts array"):
+        CellArrStore(tmp_path / "empty")
+
+
+def test_missing_frame(small, tmp_path):
+    import shutil
+    uri = small[0]
+    shutil.rmtree(f"{uri}/sample_metadata")
+    with pytest.raises(StoreError, match="lacks the array\\(s\\) sample_metadata"):
+        CellArrStore(uri)
+
+
+def test_cellarr_location_and_explicit_counts(tmp_path):
+    counts = random_counts(12, 20)
+    uri = hand_store(tmp_path / "ca", _cells(12), counts, counts_location="assays/counts")
+    store = CellArrStore(uri)
+    assert store.counts_uri.endswith("assays/counts")
+    np.testing.assert_array_equal(store.read_rows([4, 2]).toarray(), counts[[4, 2]].toarray())
+    with pytest.raises(StoreError, match="'elsewhere'"):
+        CellArrStore(uri, counts="elsewhere")
+
+
+def test_config_reaches_tiledb(small):
+    store = CellArrStore(small[0], config={"sm.compute_concurrency_level": 1})
+    store.read_rows([1])
+    assert store._context().config()["sm.compute_concurrency_level"] == "1"
+
+
+def _read_in_child(store, rows, queue):
+    queue.put(store.read_rows(rows).toarray())
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_handles_are_per_process(small, method):
+    uri, counts = small
+    store = CellArrStore(uri)
+    store.read_rows([0, 1])  # the parent holds an open handle and a context
+    ctx = mp.get_context(method)
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(store, [3, 4], queue))
+    child.start()
+    got = queue.get(timeout=60)  # a hang fails here instead of stalling the suite
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(got, counts[[3, 4]].toarray())
+
+
+def test_pickles_without_handles(small):
+    store = CellArrStore(small[0])
+    store.read_rows([0])
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._counts is None and clone._ctx is None
+    assert clone.read_rows([0]).shape == (1, 20)
+
+
+def test_synthetic_layout_is_cellarr(tiny_store):
+    """Dims, attribute and frames as SPEC §1 describes a CellArr store."""
+    with tiledb.open(f"{tiny_store}/counts") as arr:
+        schema = arr.schema
+        assert schema.sparse
+        dims = [schema.domain.dim(i) for i in range(2)]
+        assert [d.name for d in dims] == ["cell_index", "gene_index"]
+        assert all(d.dtype == np.uint32 for d in dims)
+        assert dims[0].domain[1] >= np.iinfo(np.uint32).max - 1
+        assert schema.attr(0).name == "data"
+        assert isinstance(schema.attr(0).filters[0], tiledb.GzipFilter)
+    store = CellArrStore(tiny_store)
+    meta = store.read_frame("cell_metadata")
+    for column in ("cellTypeOntologyID", "datasetID", "sampleID", "total_counts",
+                   "n_genes_by_counts", "pct_counts_mt", "predicted_doublets"):
+        assert column in meta.columns
+    assert set(store.sample_metadata().columns) >= {"datasetID", "sampleID", "disease"}
+    assert len(meta) == store.n_cells == 3000
+
+
+def test_synthetic_qc_columns_match_counts(tiny_store):
+    store = CellArrStore(tiny_store)
+    meta = store.read_frame("cell_metadata")
+    rows = np.arange(0, 3000, 37)
+    counts = store.read_rows(rows)
+    np.testing.assert_allclose(meta["total_counts"].to_numpy()[rows],
+                               np.asarray(counts.sum(axis=1)).ravel())
+    np.testing.assert_array_equal(meta["n_genes_by_counts"].to_numpy()[rows], np.diff(counts.indptr))
+    mt = np.char.startswith(store.gene_symbols.astype(str), "MT-")
+    mt_share = np.asarray(counts[:, mt].sum(axis=1)).ravel() / np.maximum(
+        np.asarray(counts.sum(axis=1)).ravel(), 1)
+    np.testing.assert_allclose(meta["pct_counts_mt"].to_numpy()[rows], 100 * mt_share, rtol=1e-6)
+    # What the generator promises: unlabelled cells, doublets, damaged cells, disease samples.
+    assert (meta["cellTypeOntologyID"] == "nan").any()
+    assert meta["predicted_doublets"].sum() > 0
+    assert (meta["pct_counts_mt"] > 20).any()
+    assert (store.sample_metadata()["disease"] != "normal").any()
+    # Cells are stored study by study, as real atlases are.
+    studies = meta["datasetID"].to_numpy()
+    assert (studies[1:] != studies[:-1]).sum() == len(set(studies)) - 1
+
+
+def test_synthetic_types_follow_the_ontology():
+    """Each simulated type's parent is a real CL ancestor, so children resemble ancestors."""
+    from scimtrain.ontology import CellOntology
+    from scimtrain.synthetic import CELL_TYPES
+
+    cl = CellOntology.default()
+    for term, parent in CELL_TYPES:
+        assert term in cl
+        if parent is not None:
+            assert parent in cl.ancestors(term), (term, parent)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Encoder", "Decoder", "EncoderDecoder", "encoder_layer_sizes"]
+__all__ = ["Decoder", "Encoder", "EncoderDecoder", "encoder_layer_sizes"]
 
 
 def _check_sizes(n_genes: int, latent_dim: int, hidden_dim: Sequence[int]) -> list[int]:

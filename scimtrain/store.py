@@ -27,9 +27,8 @@ COUNTS_LOCATIONS = ("counts", "assays/counts")
 FRAMES = ("cell_metadata", "gene_annotation", "sample_metadata")
 GENE_SYMBOL_COLUMN = "cellarr_gene_index"
 
-# Handles inherited through fork are parked here instead of being closed or garbage
-# collected in the child: tearing down a parent's TileDB object in a forked child is exactly
-# the kind of cross-process use that can hang.
+# TileDB objects inherited through fork are parked here instead of being closed or garbage
+# collected in the child: tearing down a parent's context in a forked child segfaults.
 _INHERITED: list = []
 
 
@@ -100,8 +99,9 @@ class CellArrStore:
         """The TileDB context of the calling process (made on first use in each process)."""
         pid = os.getpid()
         if self._pid != pid:
-            if self._counts is not None:
-                _INHERITED.append(self._counts)
+            # Objects made by another process (we are a forked child) are parked, never
+            # used or destroyed here: freeing a parent's context in a child segfaults.
+            _INHERITED.extend(x for x in (self._counts, self._ctx) if x is not None)
             self._counts = None
             self._ctx = tiledb.Ctx(tiledb.Config(self.config))
             self._pid = pid
@@ -275,20 +275,38 @@ class CellArrStore:
             return sp.csr_matrix(shape, dtype=np.float32)
         arr = self.counts_array()
         ranges = [slice(int(a), int(b)) for a, b in coalesce_ranges(cells)]
-        # Unordered results avoid a sort inside TileDB; we only need rows grouped, which a
-        # single consolidated fragment already gives in global (row-major) order.
+        # TileDB refuses multi-range reads in global order and sorts slowly in row-major
+        # order (~5x the read itself), so read unordered and sort here only when needed.
         result = arr.query(attrs=[self.counts_attr], dims=[self.cell_dim, self.gene_dim],
                            order="U").multi_index[ranges, :]
-        cell = result[self.cell_dim].astype(np.int64, copy=False)
-        gene = result[self.gene_dim].astype(np.int32, copy=False)
-        value = result[self.counts_attr].astype(np.float32, copy=False)
-        if cell.size > 1 and not (_is_sorted(cell) and _genes_sorted_within(cell, gene)):
+        cell, gene = result[self.cell_dim], result[self.gene_dim]
+        values = result[self.counts_attr]
+        if not self._csr_ordered(arr) or not _is_sorted(cell):
             order = np.lexsort((gene, cell))
-            cell, gene, value = cell[order], gene[order], value[order]
-        row = np.searchsorted(cells, cell)
-        indptr = np.zeros(cells.size + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row, minlength=cells.size), out=indptr[1:])
-        return sp.csr_matrix((value, gene, indptr), shape=shape)
+            cell, gene, values = cell[order], gene[order], values[order]
+        # Gene ids are < 2**31 in any real store, so a uint32 buffer is a valid int32 view.
+        indices = gene.view(np.int32) if gene.dtype == np.uint32 else gene.astype(np.int32)
+        indptr = np.searchsorted(cell, cells.astype(cell.dtype, copy=False), side="left")
+        indptr = np.append(indptr, cell.size).astype(np.int64)
+        return sp.csr_matrix((values.astype(np.float32, copy=False), indices, indptr),
+                             shape=shape)
+
+    def _csr_ordered(self, arr: tiledb.SparseArray) -> bool:
+        """Whether unordered reads come back in CSR order (cell, then gene ascending).
+
+        True for one fragment whose global order is row-major over cells and genes: CellArr's
+        full-domain tile extents, or one cell per space tile. Several fragments interleave.
+        """
+        if not hasattr(self, "_ordered"):
+            schema = arr.schema
+            genes = schema.domain.dim(1)
+            lo, hi = genes.domain
+            row_major = schema.cell_order == "row-major" and schema.tile_order == "row-major"
+            full_gene_tiles = genes.tile is None or int(genes.tile) >= int(hi) - int(lo) + 1
+            one_cell_tiles = int(schema.domain.dim(0).tile or 0) == 1
+            fragments = len(tiledb.array_fragments(self.counts_uri, ctx=self._context()))
+            self._ordered = row_major and (full_gene_tiles or one_cell_tiles) and fragments == 1
+        return self._ordered
 
 
 def coalesce_ranges(sorted_unique: np.ndarray) -> np.ndarray:
@@ -306,13 +324,8 @@ def coalesce_ranges(sorted_unique: np.ndarray) -> np.ndarray:
     return np.stack([starts, ends], axis=1)
 
 
-def _is_sorted(a: np.ndarray) -> bool:
-    return bool(np.all(a[1:] >= a[:-1]))
-
-
-def _genes_sorted_within(cell: np.ndarray, gene: np.ndarray) -> bool:
-    same_row = cell[1:] == cell[:-1]
-    return bool(np.all(gene[1:][same_row] > gene[:-1][same_row]))
+def _is_sorted(values: np.ndarray) -> bool:
+    return bool(np.all(values[1:] >= values[:-1]))
 
 
 def _missing(values: np.ndarray, fill: object) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scimtrain.prefetch import prefetch
 from scimtrain.store import join_uri
 from scimtrain.writer import fresh_store, write_counts, write_frames
 
@@ -121,7 +122,8 @@ def make_synthetic_store(uri: str | os.PathLike, config: SyntheticConfig = Synth
             yield chunk
 
     uri, ctx = fresh_store(uri, overwrite, cfg.counts_location)
-    write_counts(join_uri(uri, cfg.counts_location), chunks(), cfg.n_genes,
+    # Simulating the next chunk overlaps TileDB compressing and writing the current one.
+    write_counts(join_uri(uri, cfg.counts_location), prefetch(chunks(), 1), cfg.n_genes,
                  capacity=cfg.capacity, progress=progress, total_rows=len(cells), ctx=ctx)
     write_frames(uri, cells[list(CELL_COLUMNS)], list(genes), samples, ctx)
     return uri

@@ -56,31 +56,83 @@ def write_frame(uri: str, frame: pd.DataFrame, ctx: tiledb.Ctx | None = None) ->
 
 def write_counts(counts_uri: str, chunks: Iterable[sp.spmatrix], n_genes: int, *,
                  value_dtype: np.dtype = np.uint16, capacity: int = 10_000,
-                 consolidate: bool = True, progress: bool = False,
-                 total_rows: int | None = None, ctx: tiledb.Ctx | None = None) -> int:
+                 progress: bool = False, total_rows: int | None = None,
+                 ctx: tiledb.Ctx | None = None, first_row: int | None = None) -> int:
     """Create a counts array and write row chunks one after the other; returns the row count.
 
-    Each chunk becomes one TileDB fragment (memory bounded by one chunk); with ``consolidate``
-    the fragments are merged into one afterwards, which reads fastest.
+    The chunks are appended in TileDB's global order (cells ascending, genes ascending within a
+    cell) to a single fragment: no sort inside TileDB and no consolidation afterwards, about 5x
+    faster than unordered writes of the same chunks. Memory is bounded by one chunk.
+
+    ``first_row`` appends to an existing array instead: the chunks' rows are written from that
+    row on (the store's current cell count) as one new fragment; nothing there is rewritten.
     """
-    create_counts_array(counts_uri, value_dtype, capacity, ctx=ctx)
-    rows = 0
+    if first_row is None:
+        create_counts_array(counts_uri, value_dtype, capacity, ctx=ctx)
+    rows = first_row or 0
     bar = tqdm(total=total_rows, desc="writing counts", unit=" cells", disable=not progress)
-    with bar, tiledb.open(counts_uri, mode="w", ctx=ctx) as arr:
+    with bar, _GlobalOrderWriter(counts_uri, ctx) as writer:
         for chunk in chunks:
-            coo = sp.coo_matrix(chunk)
-            if coo.shape[1] != n_genes:
-                raise ValueError(f"a counts chunk has {coo.shape[1]} genes, expected {n_genes}")
-            if coo.nnz:
-                order = np.lexsort((coo.col, coo.row))
-                arr[(coo.row[order] + rows).astype(np.uint32),
-                    coo.col[order].astype(np.uint32)] = coo.data[order].astype(value_dtype)
-            rows += coo.shape[0]
-            bar.update(coo.shape[0])
-    if consolidate and len(tiledb.array_fragments(counts_uri, ctx=ctx)) > 1:
-        tiledb.consolidate(counts_uri, ctx=ctx)
-        tiledb.vacuum(counts_uri, ctx=ctx)
-    return rows
+            csr = sp.csr_matrix(chunk)
+            if csr.shape[1] != n_genes:
+                raise ValueError(f"a counts chunk has {csr.shape[1]} genes, expected {n_genes}")
+            csr.sum_duplicates()  # also sorts the genes of each cell: global order
+            csr.eliminate_zeros()
+            if csr.nnz:
+                cell = np.repeat(np.arange(rows, rows + csr.shape[0], dtype=np.uint32),
+                                 np.diff(csr.indptr))
+                writer.append(cell, csr.indices.astype(np.uint32),
+                              _as_counts(csr.data, value_dtype))
+            rows += csr.shape[0]
+            bar.update(csr.shape[0])
+    return rows - (first_row or 0)
+
+
+class _GlobalOrderWriter:
+    """Appends coordinates already in global order to one fragment of a sparse 2-D array.
+
+    tiledb-py's ``array[...] = ...`` only writes unordered (TileDB sorts, one fragment per
+    call); the global-order query lives in ``tiledb.libtiledb``, the bindings tiledb-py is
+    built on.
+    """
+
+    def __init__(self, uri: str, ctx: tiledb.Ctx | None) -> None:
+        import tiledb.libtiledb as lt
+
+        self._lt = lt
+        self._ctx = lt.Context(ctx if ctx is not None else tiledb.Ctx())
+        self._array = lt.Array(self._ctx, uri, lt.QueryType.WRITE)
+        self._query = lt.Query(self._ctx, self._array, lt.QueryType.WRITE)
+        self._query.layout = lt.LayoutType.GLOBAL_ORDER
+        with tiledb.open(uri, ctx=ctx) as arr:
+            schema = arr.schema
+            self._names = (schema.domain.dim(0).name, schema.domain.dim(1).name,
+                           schema.attr(0).name)
+
+    def append(self, cells: np.ndarray, genes: np.ndarray, values: np.ndarray) -> None:
+        buffers = [np.ascontiguousarray(b) for b in (cells, genes, values)]
+        for name, buffer in zip(self._names, buffers):
+            self._query.set_data_buffer(name, buffer, buffer.size)
+        if self._query._submit() != self._lt.QueryStatus.COMPLETE:
+            raise RuntimeError("TileDB did not complete a global-order write")
+
+    def __enter__(self) -> _GlobalOrderWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self._query.finalize()
+        self._array._close()
+
+
+def _as_counts(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast counts to the on-disk type, refusing values it cannot hold exactly."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u" and values.size and (values.max() > np.iinfo(dtype).max
+                                              or values.min() < 0):
+        raise ValueError(f"counts outside the {dtype.name} range [0, {np.iinfo(dtype).max}]; "
+                         "write with a wider value_dtype")
+    return values.astype(dtype)
 
 
 def write_store(

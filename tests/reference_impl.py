@@ -37,14 +37,18 @@ def reference_mine(
     rng: np.random.Generator | None = None,
     negative_labels=None,
     keep_windows: bool = True,
+    dist: np.ndarray | None = None,
 ) -> dict:
     """Mine as SPEC §5 says. Returns ``triplets`` (list of (a, p, n)), ``num_hard``,
     ``num_viable`` and, if ``keep_windows``, ``windows``: {(a, p): array of the negatives the
-    selection could pick}, for every pair (empty array = no triplet for that pair)."""
+    selection could pick}, for every pair (empty array = no triplet for that pair).
+    ``dist`` overrides the distance matrix (for exact ties: two BLAS libraries may round the
+    same distance differently)."""
     rng = rng or np.random.default_rng(0)
     labels = np.asarray(labels)
     negative_labels = labels if negative_labels is None else np.asarray(negative_labels)
-    dist = reference_distances(np.asarray(embeddings))
+    if dist is None:
+        dist = reference_distances(np.asarray(embeddings))
     anc, desc = ancestors_descendants(np.asarray(descendant))
 
     triplets, windows = [], {}
@@ -76,7 +80,8 @@ def reference_mine(
                 windows[(int(a), int(p))] = negatives[window]
             if window.size:
                 triplets.append((int(a), int(p), int(negatives[rng.choice(window)])))
-    return {"triplets": triplets, "num_hard": num_hard, "num_viable": num_viable, "windows": windows}
+    return {"triplets": triplets, "num_hard": num_hard, "num_viable": num_viable,
+            "windows": windows}
 
 
 def reference_asw(embeddings: np.ndarray, labels, descendant: np.ndarray) -> float:

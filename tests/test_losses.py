@@ -5,14 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.reference_impl import (
-    HAND_PARENTS,
-    descendant_matrix,
-    parent_matrix,
-    random_ontology,
-    reference_distances,
-    reference_mine,
-)
 
 from scimtrain.losses import (
     LossConfig,
@@ -22,9 +14,18 @@ from scimtrain.losses import (
     mixed_loss,
     perturb_labels,
     reconstruction_loss,
+    squared_distances,
     triplet_loss,
 )
 from scimtrain.model import Encoder
+from tests.reference_impl import (
+    HAND_PARENTS,
+    descendant_matrix,
+    parent_matrix,
+    random_ontology,
+    reference_distances,
+    reference_mine,
+)
 
 HAND_PARENT = parent_matrix(HAND_PARENTS)
 HAND_DESC = descendant_matrix(HAND_PARENT)
@@ -118,14 +119,15 @@ def test_pair_rules():
     labels = torch.tensor([3, 3, 3, 2, 5, 7])
     studies = torch.tensor([0, 0, 1, 0, 0, 0])
     emb = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1)
+    gen = torch.Generator().manual_seed(0)
     a, p, n, _, viable = mine_triplets(emb, labels, studies, HAND_DESC, margin=10.0,
-                                       selection="random", generator=torch.Generator().manual_seed(0))
+                                       selection="random", generator=gen)
     # Only cross-study same-label pairs, anchor first; T cell (ancestor) never a negative.
     assert sorted(zip(a.tolist(), p.tolist())) == [(0, 2), (1, 2)]
     assert set(n.tolist()) <= {4, 5}
     assert viable == 2 * 2
     a, p, n, _, viable = mine_triplets(emb, labels, None, HAND_DESC, margin=10.0,
-                                       selection="random", generator=torch.Generator().manual_seed(0))
+                                       selection="random", generator=gen)
     assert sorted(zip(a.tolist(), p.tolist())) == [(0, 1), (0, 2), (1, 2)]
 
 
@@ -135,7 +137,7 @@ def test_same_seed_same_triplets_and_chunking_does_not_matter():
     runs = [
         mine_triplets(*args, margin=0.5, selection="semihard",
                       generator=torch.Generator().manual_seed(11), chunk_elements=ce)
-        for ce in (1 << 22, 1 << 22, 1000, 1)
+        for ce in (1 << 22, 1 << 22, 3000, 450)
     ]
     for other in runs[1:]:
         for x, y in zip(runs[0], other):
@@ -143,6 +145,56 @@ def test_same_seed_same_triplets_and_chunking_does_not_matter():
     different = mine_triplets(*args, margin=0.5, selection="semihard",
                               generator=torch.Generator().manual_seed(12))
     assert not torch.equal(runs[0][2], different[2])
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 600])
+def test_duplicate_cells_fill_buckets(chunk_elements):
+    # Few distinct points: every distance is shared by many cells, so buckets are crowded,
+    # ties are everywhere and sub-blocks split at small chunk sizes.
+    rng = np.random.default_rng(5)
+    points = rng.normal(size=(6, 4))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    emb = points[rng.integers(0, 6, size=150)]
+    labels = rng.choice([2, 3, 5, 7, 8], size=150)
+    studies = rng.integers(0, 3, size=150)
+    args = (torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(studies), HAND_DESC)
+    dist = squared_distances(args[0]).numpy()  # the very values the miner compares
+    for selection in ("hardest", "semihard", "random"):
+        ref = reference_mine(emb, labels, studies, HAND_DESC, 0.3, selection, dist=dist)
+        a, p, n, hard, viable = mine_triplets(*args, margin=0.3, selection=selection,
+                                              generator=torch.Generator().manual_seed(0),
+                                              chunk_elements=chunk_elements, dummy_triplet=False)
+        assert (hard, viable) == (ref["num_hard"], ref["num_viable"])
+        got = list(zip(a.tolist(), p.tolist(), n.tolist()))
+        if selection == "hardest":
+            assert sorted(got) == sorted(ref["triplets"])
+        assert {(x, y) for x, y, _ in got} == {k for k, w in ref["windows"].items() if w.size}
+        assert all(z in set(ref["windows"][(x, y)].tolist()) for x, y, z in got)
+
+
+def test_far_from_unit_embeddings_stay_exact():
+    # Squared distances up to ~2e6 (float32 steps of 0.125) with a margin of 50: 253
+    # buckets over a row's threshold range would be finer than float32 resolves there.
+    emb, labels, studies, desc, _ = make_batch(6)
+    e = torch.from_numpy(emb * 700.0).float()
+    dist = squared_distances(e).double().numpy()
+    for selection in ("hardest", "semihard"):
+        ref = reference_mine(None, labels, studies, desc, 50.0, selection, dist=dist)
+        a, p, n, hard, viable = mine_triplets(e, torch.from_numpy(labels),
+                                              torch.from_numpy(studies), desc, margin=50.0,
+                                              selection=selection, dummy_triplet=False)
+        assert (hard, viable) == (ref["num_hard"], ref["num_viable"])
+        got = list(zip(a.tolist(), p.tolist(), n.tolist()))
+        assert {(x, y) for x, y, _ in got} == {k for k, w in ref["windows"].items() if w.size}
+        assert all(z in set(ref["windows"][(x, y)].tolist()) for x, y, z in got)
+
+
+def test_half_precision_embeddings_are_mined():
+    emb, labels, studies, desc, _ = make_batch(0)
+    a, _, _, _, viable = mine_triplets(
+        torch.from_numpy(emb).half(), torch.from_numpy(labels), torch.from_numpy(studies), desc,
+        margin=0.5, selection="semihard", generator=torch.Generator().manual_seed(0))
+    assert a.numel() > 1 and viable > 0
 
 
 def test_float32_embeddings_match_float64_hardest():

@@ -1,0 +1,216 @@
+"""Triplet-mining speed: SCimilarity-style loop reference vs ``scimtrain.losses.mine_triplets``.
+
+Times both on the same synthetic batches (B cells, L labels over a random ontology, clustered
+unit embeddings, studies for the cross-study rule) and prints a markdown table of ms per batch,
+the speed-up, the number of anchor-positive pairs, and the vectorised miner's peak extra memory
+(CPU: growth of a fresh process's peak RSS over one call; CUDA:
+``torch.cuda.max_memory_allocated``).
+
+    python benchmarks/triplet_mining.py                 # CPU (and CUDA when present)
+    python benchmarks/triplet_mining.py --sizes 1000 --labels 20 --repeats 20
+
+The reference is ``tests/reference_impl.py``'s ``reference_mine``: SCimilarity's
+``TripletSelector`` loop (labels → pairs → numpy over one pair's candidates) with the ontology
+lookups precomputed, i.e. slightly faster than SCimilarity itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the reference lives with the tests that check against it
+
+from scimtrain.losses import mine_triplets
+from tests.reference_impl import descendant_matrix, random_ontology, reference_mine
+
+
+def make_batch(n_cells: int, n_labels: int, n_studies: int, dim: int, noise: float,
+               skew: float, seed: int):
+    """Embeddings (float32, unit rows), label positions, study ids, descendant matrix.
+
+    Labels are drawn with probability ∝ 1/rank**skew (0 = uniform) over a random ontology of
+    ``n_labels`` terms; a cell is its label's centre plus Gaussian noise (noise 2 puts
+    same-label cells at squared distance ~1.6 and others at ~2.0, overlapping: mid-training).
+    """
+    rng = np.random.default_rng(seed)
+    desc = descendant_matrix(random_ontology(n_labels, rng))
+    weights = 1.0 / np.arange(1, n_labels + 1) ** skew
+    labels = rng.choice(n_labels, size=n_cells, p=weights / weights.sum())
+    centres = rng.normal(size=(n_labels, dim))
+    emb = centres[labels] + noise * rng.normal(size=(n_cells, dim))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    studies = rng.integers(0, n_studies, size=n_cells)
+    return emb.astype(np.float32), labels, studies, desc
+
+
+def time_vectorised(emb, labels, studies, desc, args, device: str) -> tuple[float, int]:
+    e = torch.from_numpy(emb).to(device)
+    lab = torch.from_numpy(labels).to(device)
+    st = torch.from_numpy(studies).to(device)
+    d = torch.from_numpy(desc).to(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    def run():
+        out = mine_triplets(e, lab, st, d, margin=args.margin, selection=args.selection,
+                            generator=gen)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    for _ in range(args.warmup):
+        run()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, out[3]
+
+
+def time_reference(emb, labels, studies, desc, args) -> tuple[float, int]:
+    times, hard = [], 0
+    for _ in range(args.reference_repeats):
+        t0 = time.perf_counter()
+        out = reference_mine(emb, labels, studies, desc, args.margin, args.selection,
+                             rng=np.random.default_rng(args.seed), keep_windows=False)
+        times.append(time.perf_counter() - t0)
+        hard = out["num_hard"]
+    return statistics.median(times) * 1e3, hard
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_extra_mib(emb, labels, studies, desc, args, device: str) -> float | None:
+    """Peak memory one miner call adds on top of its inputs, MiB (None if not measurable).
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: torch's allocator is invisible to
+    tracemalloc, so a fresh process (glibc told to mmap every block over 128 KiB, so that
+    freed memory is not silently reused) resets the kernel's peak-RSS mark
+    (``/proc/self/clear_refs``, Linux) and reads how far one call raises it.
+    """
+    if device == "cuda":
+        tensors = [torch.from_numpy(x).cuda() for x in (emb, labels, studies, desc)]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        mine_triplets(*tensors, margin=args.margin, selection=args.selection)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "batch.npz")
+        np.savez(path, emb=emb, labels=labels, studies=studies, desc=desc)
+        cmd = [sys.executable, __file__, "--_memory-probe", path, "--margin", str(args.margin),
+               "--selection", args.selection, "--threads", str(torch.get_num_threads())]
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = out.stdout.strip().splitlines()
+    return float(lines[-1]) if out.returncode == 0 and lines and lines[-1] != "None" else None
+
+
+def _memory_probe(path: str, args) -> None:
+    data = np.load(path)
+    tensors = [torch.from_numpy(data[k]) for k in ("emb", "labels", "studies", "desc")]
+    small = [t[:64] if t.ndim == 1 or t.shape[0] == tensors[0].shape[0] else t for t in tensors]
+    mine_triplets(*small, margin=args.margin, selection=args.selection)  # one-time setup
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        print("None")
+        return
+    base = _proc_status_kib("VmRSS")
+    mine_triplets(*tensors, margin=args.margin, selection=args.selection)
+    print((_proc_status_kib("VmHWM") - base) / 1024)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000],
+                   help="batch sizes B")
+    p.add_argument("--labels", type=int, nargs="+", default=[20, 100], help="labels per batch")
+    p.add_argument("--studies", type=int, default=10,
+                   help="studies per batch (cross-study rule on)")
+    p.add_argument("--selection", default="semihard", choices=["semihard", "hardest", "random"])
+    p.add_argument("--margin", type=float, default=0.05)
+    p.add_argument("--dim", type=int, default=128, help="embedding size")
+    p.add_argument("--noise", type=float, default=2.0, help="within-label spread (see make_batch)")
+    p.add_argument("--skews", type=float, nargs="+", default=[0.0, 1.0],
+                   help="label frequency ∝ 1/rank**skew: 0 = uniform (fewest pairs), 1 = "
+                        "Zipf-like, as batches drawn from a real atlas")
+    p.add_argument("--repeats", type=int, default=10, help="timed vectorised runs (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reference-repeats", type=int, default=1)
+    p.add_argument("--skip-reference-above", type=int, default=None, metavar="B",
+                   help="do not run the loop reference for batches larger than B")
+    p.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
+                   help="default: cpu, plus cuda when available")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--_memory-probe", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._memory_probe:
+        _memory_probe(args._memory_probe, args)
+        return
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+
+    print(f"selection={args.selection} margin={args.margin} studies={args.studies} "
+          f"dim={args.dim} noise={args.noise} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()} cpus={os.cpu_count()}"
+          + (f" gpu={torch.cuda.get_device_name()}" if "cuda" in devices else ""))
+    print()
+    print("| device | skew | B | labels | pairs | loop reference (CPU) ms | vectorised ms "
+          "| speed-up | peak extra MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    reference_ms: dict[tuple[float, int, int], float] = {}
+    configs = [(s, n_labels, n_cells) for s in args.skews for n_labels in args.labels
+               for n_cells in args.sizes]
+    for device in devices:
+        for skew, n_labels, n_cells in configs:
+            emb, labels, studies, desc = make_batch(n_cells, n_labels, args.studies,
+                                                    args.dim, args.noise, skew, args.seed)
+            pairs = sum(int(c) * (int(c) - 1) // 2 for c in np.bincount(labels))
+            vec_ms, vec_hard = time_vectorised(emb, labels, studies, desc, args, device)
+            key = (skew, n_cells, n_labels)
+            if key not in reference_ms and (args.skip_reference_above is None
+                                            or n_cells <= args.skip_reference_above):
+                reference_ms[key], ref_hard = time_reference(emb, labels, studies, desc, args)
+                # float32 vs float64 distances may flip a near-tie; flag real disagreement
+                if abs(ref_hard - vec_hard) > 1e-4 * max(ref_hard, 1):
+                    print(f"WARNING: num_hard differs: reference {ref_hard}, "
+                          f"vectorised {vec_hard}", file=sys.stderr)
+            ref = reference_ms.get(key)
+            mem = None if args.no_memory else peak_extra_mib(emb, labels, studies, desc,
+                                                             args, device)
+            mem = "n/a" if mem is None else f"{mem:.1f}"
+            print(f"| {device} | {skew:g} | {n_cells} | {n_labels} | {pairs} | "
+                  f"{'skipped' if ref is None else f'{ref:.0f}'} | {vec_ms:.2f} | "
+                  f"{'' if ref is None else f'{ref / vec_ms:.0f}x'} | {mem} |", flush=True)
+    print()
+    print("pairs: same-label pairs before the cross-study rule. Reference: one run per batch, "
+          "always on the CPU; vectorised: median of --repeats runs.")
+
+
+if __name__ == "__main__":
+    main()

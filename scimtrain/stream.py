@@ -1,0 +1,265 @@
+"""The streaming loader: sampling plan → pooled, sorted TileDB reads → log-normalised batches.
+
+``CellStream`` is an ``IterableDataset`` that yields :class:`Batch` es of one epoch of one rank:
+
+1. **Plan** (:mod:`scimtrain.sampling`): the batches of (seed, epoch, rank), no I/O.
+2. **Pool**: ``pool_batches`` batches are read together: the union of their cells, sorted, in
+   one TileDB query with neighbouring cells coalesced into ranges (``CellArrStore.read_rows``).
+   The pool's genes are subset and ordered to the model's gene order once.
+3. **Batch**: the pool's rows are sliced back into its batches in plan order, normalised to
+   ``target_sum`` per cell and ``log1p``'d (SPEC §3), and emitted dense (float32) or as a
+   ``torch.sparse_csr`` tensor for densifying on the GPU.
+4. **Prefetch**: a background thread reads the next ``prefetch_pools`` pools while the current
+   one is served (TileDB releases the GIL). Memory is bounded by ``(1 + prefetch_pools)`` raw
+   pools per reading process plus the DataLoader's queue of finished batches.
+
+Workers: iterating a stream with ``num_workers > 0`` starts a DataLoader over the stream
+itself; batch ``k`` of the epoch is made by worker ``k % num_workers``, which is exactly the
+order the DataLoader returns them in, so the batches are the same for any number of workers.
+Each worker pools *its own* batches. Ranks: each rank builds a stream with its ``rank`` and
+``world_size`` and reads only its own batches; all ranks yield the same number.
+
+State: ``state_dict()`` is ``{"epoch", "consumed"}`` as counted in the iterating process;
+``load_state_dict`` followed by iteration yields batch ``consumed``, ``consumed + 1``, ... of
+that epoch without reading the ones before.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from scimtrain.prefetch import prefetch
+from scimtrain.sampling import Mode, SamplingPlan
+from scimtrain.store import CellArrStore
+
+
+class Batch(NamedTuple):
+    """One batch: ``x`` is (B, G) float32, dense or ``torch.sparse_csr``; ``labels`` and
+    ``studies`` are int64 (B,) (label integers and study integers of the selection)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    studies: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CellTable:
+    """What the stream needs to know of each cell of a split: where it is and what it is."""
+
+    cell_index: np.ndarray
+    labels: np.ndarray
+    studies: np.ndarray
+    weights: np.ndarray
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> CellTable:
+        """From a :class:`~scimtrain.selection.Selection` split (index = cell_index)."""
+        return cls(cell_index=frame.index.to_numpy(np.int64),
+                   labels=frame["label_int"].to_numpy(np.int64),
+                   studies=frame["study_int"].to_numpy(np.int64),
+                   weights=frame["sampling_weight"].to_numpy(np.float64))
+
+    def __len__(self) -> int:
+        return self.cell_index.size
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Loader knobs. Defaults were chosen with ``benchmarks/loader_throughput.py`` (README)."""
+
+    batch_size: int = 1000
+    n_batches: int = 100
+    mode: Mode = "weighted"
+    seed: int = 0
+    pool_batches: int = 8
+    prefetch_pools: int = 1
+    num_workers: int = 2
+    multiprocessing_context: str | None = None  # None: the platform default ("fork" on Linux)
+    output: Literal["dense", "csr"] = "dense"
+    target_sum: float = 1e4
+    pin_memory: bool = False
+    tiledb_config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("pool_batches", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.prefetch_pools < 0 or self.num_workers < 0:
+            raise ValueError("prefetch_pools and num_workers must be >= 0")
+        if self.output not in ("dense", "csr"):
+            raise ValueError(f"output must be 'dense' or 'csr', not {self.output!r}")
+
+
+class CellStream(IterableDataset):
+    """Batches of one rank's epoch, read in pools from a CellArr store.
+
+    Args:
+        store: the store (or its URI).
+        cells: the split to sample from (:meth:`CellTable.from_frame`).
+        gene_indices: store columns in model order (``Selection.gene_indices``); ``None`` keeps
+            every store gene in store order.
+        config: loader knobs.
+        rank, world_size: this process's place among the training processes.
+    """
+
+    def __init__(self, store: CellArrStore | str, cells: CellTable,
+                 gene_indices: np.ndarray | None = None, config: StreamConfig = StreamConfig(),
+                 rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        if not isinstance(store, CellArrStore):
+            store = CellArrStore(store)
+        if config.tiledb_config:
+            store = CellArrStore(store.uri, {**store.config, **config.tiledb_config},
+                                 counts=store.counts_uri[len(store.uri):].lstrip("/"),
+                                 gene_column=store.gene_column)
+        self.store = store
+        self.cells = cells
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.plan = SamplingPlan(cells.weights, config.batch_size, config.n_batches,
+                                 config.seed, config.mode, world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        n_store_genes = store.n_genes
+        if gene_indices is None:
+            self.gene_indices = None
+            self.n_genes = n_store_genes
+        else:
+            self.gene_indices = np.asarray(gene_indices, dtype=np.int64)
+            if self.gene_indices.size and (self.gene_indices.min() < 0
+                                           or self.gene_indices.max() >= n_store_genes):
+                raise ValueError(f"gene_indices must lie in 0..{n_store_genes - 1}")
+            if np.array_equal(self.gene_indices, np.arange(n_store_genes)):
+                self.gene_indices = None  # identity: skip the column gather
+            self.n_genes = self.gene_indices.size if self.gene_indices is not None else \
+                n_store_genes
+        self.epoch = 0
+        self.consumed = 0
+
+    # ------------------------------------------------------------------ state
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return self.plan.batches_per_rank()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the batches of ``epoch`` next; a new epoch starts at its first batch."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        """``{"epoch", "consumed", "rank", "world_size", "seed"}`` of the iterating process."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "rank": self.rank,
+                "world_size": self.world_size, "seed": self.config.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict`: the next batch is ``state["consumed"]``."""
+        if state.get("world_size", self.world_size) != self.world_size or \
+                state.get("seed", self.config.seed) != self.config.seed:
+            raise ValueError(
+                f"stream state was saved with world_size={state.get('world_size')} and "
+                f"seed={state.get('seed')}, this stream has world_size={self.world_size} and "
+                f"seed={self.config.seed}: resume with the same settings")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        if info is not None:  # inside a DataLoader worker: this worker's share only
+            protect_inherited_objects()
+            yield from self._produce(self.epoch, self.consumed, info.id, info.num_workers)
+            return
+        if self.consumed >= len(self):  # a finished epoch iterates again from the start
+            self.consumed = 0
+        if self.config.num_workers == 0:
+            source = self._produce(self.epoch, self.consumed, 0, 1)
+        else:
+            # TileDB objects waiting in reference cycles are freed here, in their own process:
+            # a forked worker's garbage collector freeing them would segfault.
+            gc.collect()
+            source = iter(DataLoader(
+                self, batch_size=None, num_workers=self.config.num_workers,
+                multiprocessing_context=self.config.multiprocessing_context,
+                # Finished batches waiting per worker: dense ones are large (B x G float32).
+                pin_memory=self.config.pin_memory, prefetch_factor=2,
+                worker_init_fn=_worker_init))
+        for batch in source:
+            # Counted before handing out, so a state_dict() taken while the consumer holds
+            # batch k says "k + 1 consumed".
+            self.consumed += 1
+            yield batch
+
+    def _produce(self, epoch: int, start: int, worker: int, n_workers: int) -> Iterator[Batch]:
+        """This worker's batches of ``epoch`` from batch ``start`` on, read pool by pool."""
+        mine = list(range(start + worker, len(self), n_workers))
+        pools = [mine[i:i + self.config.pool_batches]
+                 for i in range(0, len(mine), self.config.pool_batches)]
+        plans = ([self.plan.batch(epoch, self.rank, k) for k in pool] for pool in pools)
+        reads = ((batches, self._read_pool(batches)) for batches in plans)
+        for batches, pool in prefetch(reads, self.config.prefetch_pools):
+            yield from self._batches_of_pool(batches, pool)
+
+    def _read_pool(self, batches: list[np.ndarray]) -> tuple[np.ndarray, sp.csr_matrix]:
+        """One sorted read of every cell of the pool; columns in model gene order."""
+        unique = np.unique(self.cells.cell_index[np.concatenate(batches)])
+        rows = self.store.read_rows(unique)
+        if self.gene_indices is not None:
+            rows = rows[:, self.gene_indices]
+        return unique, rows
+
+    def _batches_of_pool(self, batches: list[np.ndarray],
+                         pool: tuple[np.ndarray, sp.csr_matrix]) -> Iterator[Batch]:
+        unique, rows = pool
+        for positions in batches:
+            counts = rows[np.searchsorted(unique, self.cells.cell_index[positions])]
+            yield Batch(self._expression(counts),
+                        torch.from_numpy(self.cells.labels[positions]),
+                        torch.from_numpy(self.cells.studies[positions]))
+
+    def _expression(self, counts: sp.csr_matrix) -> torch.Tensor:
+        """Counts → ``log1p(counts / row_sum * target_sum)`` (zero rows stay zero)."""
+        values = lognormalize(counts, self.config.target_sum)
+        if self.config.output == "csr":
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(counts.indptr.astype(np.int64)),
+                torch.from_numpy(counts.indices.astype(np.int64)),
+                torch.from_numpy(values), size=counts.shape)
+        dense = np.zeros(counts.shape, dtype=np.float32)
+        sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).toarray(
+            out=dense)
+        return torch.from_numpy(dense)
+
+
+def protect_inherited_objects() -> None:
+    """In a forked worker, keep the garbage collector away from objects inherited from the
+    parent: freeing a parent's TileDB object in the child segfaults (seen with tiledb 0.36)."""
+    if multiprocessing.parent_process() is not None and not getattr(
+            protect_inherited_objects, "done", False):
+        gc.freeze()
+        protect_inherited_objects.done = True
+
+
+def _worker_init(_: int) -> None:
+    protect_inherited_objects()
+
+
+def lognormalize(counts: sp.csr_matrix, target_sum: float = 1e4) -> np.ndarray:
+    """The CSR values of ``log1p(counts / row_sum * target_sum)``, float32, same structure."""
+    lengths = np.diff(counts.indptr)
+    sums = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    sums[sums == 0] = 1.0  # all-zero cells stay zero
+    scale = (target_sum / sums).astype(np.float32)
+    values = counts.data.astype(np.float32, copy=True)
+    values *= np.repeat(scale, lengths)
+    return np.log1p(values, out=values)

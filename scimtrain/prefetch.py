@@ -28,20 +28,24 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(entry: tuple) -> bool:
+        """Hand an entry to the consumer unless it has gone; False when it has."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            buffer.put((_DONE, None))
+            put((_DONE, None))
         except BaseException as exc:  # handed to the consumer, raised there
-            buffer.put((_DONE, exc))
+            put((_DONE, exc))
 
     thread = threading.Thread(target=produce, name="scimtrain-prefetch", daemon=True)
     thread.start()

@@ -54,6 +54,8 @@ MT_GENES = (
     "MT-ND1", "MT-ND2", "MT-CO1", "MT-CO2", "MT-ATP8", "MT-ATP6", "MT-CO3",
     "MT-ND3", "MT-ND4L", "MT-ND4", "MT-ND5", "MT-ND6", "MT-CYB",
 )
+# Bumped whenever the simulation changes, so cached demo stores are rebuilt.
+SIMULATION_VERSION = 2
 MT_SHARE = 0.03
 DISEASES = ("normal", "COVID-19", "lung adenocarcinoma", "chronic lymphocytic leukemia")
 
@@ -105,7 +107,7 @@ def make_synthetic_store(uri: str | os.PathLike, config: SyntheticConfig = Synth
     genes = _gene_symbols(cfg.n_genes)
     is_mt = np.isin(genes, MT_GENES)
     profiles = _type_profiles(rng, cfg.n_genes, cfg.marker_genes, is_mt)
-    batch = rng.lognormal(0.0, 0.3, size=(cfg.n_studies, cfg.n_genes))
+    batch = rng.lognormal(0.0, 0.5, size=(cfg.n_studies, cfg.n_genes))
     cells, samples = _cell_table(rng, cfg)
 
     def chunks() -> Iterator[sp.csr_matrix]:
@@ -146,10 +148,13 @@ def _type_profiles(rng: np.random.Generator, n_genes: int, n_markers: int,
     profiles = np.empty((len(CELL_TYPES), n_genes))
     for i, (cl, parent) in enumerate(CELL_TYPES):  # parents precede children in CELL_TYPES
         base = background if parent is None else profiles[index[parent]]
-        profile = base * rng.lognormal(0.0, 0.3 if parent else 0.6, size=n_genes)
-        markers = rng.choice(np.flatnonzero(~is_mt), size=n_markers // (2 if parent else 1),
+        # Subtypes differ from their parent by a little noise and a few markers, so that
+        # related types stay close (the miner's ontology rules matter) and studies' batch
+        # effects are of the same order as the differences between types.
+        profile = base * rng.lognormal(0.0, 0.15 if parent else 0.6, size=n_genes)
+        markers = rng.choice(np.flatnonzero(~is_mt), size=n_markers // (4 if parent else 1),
                              replace=False)
-        profile[markers] *= rng.uniform(5.0, 40.0, size=markers.size)
+        profile[markers] *= rng.uniform(2.0, 8.0 if parent else 40.0, size=markers.size)
         # Mitochondrial transcripts take ~3% of a healthy cell's UMIs, whatever the gene count.
         profile[is_mt] = 0.0
         profile *= (1.0 - MT_SHARE) / profile.sum()

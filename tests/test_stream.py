@@ -245,3 +245,28 @@ def test_bad_stream_config():
         StreamConfig(pool_batches=0)
     with pytest.raises(ValueError, match="output"):
         StreamConfig(output="parquet")
+
+
+def test_prefetch_order_errors_and_early_stop():
+    import threading
+    import time
+
+    from scimtrain.prefetch import prefetch
+
+    assert list(prefetch(range(10), 2)) == list(range(10))
+    assert list(prefetch(range(3), 0)) == [0, 1, 2]
+
+    def failing():
+        yield 1
+        raise RuntimeError("producer failed")
+
+    got = []
+    with pytest.raises(RuntimeError, match="producer failed"):
+        for item in prefetch(failing(), 1):
+            got.append(item)
+    assert got == [1]
+    before = threading.active_count()
+    started = time.perf_counter()
+    for item in prefetch(iter(range(100)), 1):  # the consumer leaves with the buffer full
+        break
+    assert threading.active_count() == before and time.perf_counter() - started < 5

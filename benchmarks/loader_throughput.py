@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefetch-pools", type=int, default=StreamConfig.prefetch_pools)
     parser.add_argument("--filter", default=None,
                         help="cell filter (default: SCimilarity's)")
+    parser.add_argument("--tiledb-threads", type=int, default=None,
+                        help="TileDB compute/io threads per reading process (default: the "
+                             "stream's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", default="", help="comma list of a,b,c to skip")
     args = parser.parse_args(argv)
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"(b) SCimilarity read pattern  {results['b']:>10,.0f} cells/s")
     config = StreamConfig(batch_size=args.batch_size, n_batches=args.batches,
                           num_workers=args.workers, pool_batches=args.pool_batches,
-                          prefetch_pools=args.prefetch_pools, seed=args.seed)
+                          prefetch_pools=args.prefetch_pools, seed=args.seed,
+                          tiledb_threads=args.tiledb_threads)
     with PeakRSS() as memory:
         results["c"] = timed(lambda: scimtrain_stream(store, train, selection.gene_indices,
                                                       config))

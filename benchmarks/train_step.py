@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Where a training step's time goes: data wait, forward, mining (loss), backward + optimiser.
+
+    python benchmarks/train_step.py --store PATH [--steps 12] [--batch-size 1000]
+        [--workers 2] [--device cpu|cuda] [--sparse-batches]
+
+Runs scimtrain's own loop (Trainer + MetricLearningObjective + CellStream, SCimilarity's
+default model) for one epoch of ``--steps`` steps, reads the step-time breakdown back from the
+TensorBoard log it writes, and prints a table of seconds per step and shares of the step
+time (the first step, which starts the loader workers, is reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from scimtrain.losses import LossConfig
+from scimtrain.model import EncoderDecoder
+from scimtrain.objective import MetricLearningObjective
+from scimtrain.ontology import CellOntology
+from scimtrain.selection import SelectionConfig, select_cells
+from scimtrain.store import CellArrStore
+from scimtrain.stream import CellStream, CellTable, StreamConfig
+from scimtrain.trainer import Trainer, TrainerConfig, make_accelerator
+
+SECTIONS = ("data_wait", "forward", "mining", "backward")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=StreamConfig.num_workers)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available")
+    parser.add_argument("--sparse-batches", action="store_true",
+                        help="move batches as CSR and densify on the device")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    args = parser.parse_args(argv)
+
+    store = CellArrStore(args.store)
+    selection = select_cells(store, SelectionConfig())
+    descendant = CellOntology.default().descendant_matrix(selection.label_ids)
+    cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    accelerator = make_accelerator(args.mixed_precision, cpu=cpu)
+    stream = CellStream(store, CellTable.from_frame(selection.train), selection.gene_indices,
+                        StreamConfig(batch_size=args.batch_size, n_batches=args.steps,
+                                     num_workers=args.workers,
+                                     output="csr" if args.sparse_batches else "dense"))
+    torch.manual_seed(0)
+    model = EncoderDecoder(len(selection.gene_order))
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(model, MetricLearningObjective(descendant, LossConfig()), stream,
+                          config=TrainerConfig(max_epochs=1, run_dir=run_dir, progress=False,
+                                               mixed_precision=args.mixed_precision),
+                          accelerator=accelerator)
+        started = time.perf_counter()
+        trainer.fit()
+        wall = time.perf_counter() - started
+        events = EventAccumulator(run_dir)
+        events.Reload()
+        series = {name: np.array([e.value for e in events.Scalars(f"time/{name}")])
+                  for name in (*SECTIONS, "step")}
+        cells = np.array([e.value for e in events.Scalars("train/cells_per_s")])
+
+    print(f"store {args.store}: {len(selection.gene_order):,} genes, batch {args.batch_size}, "
+          f"{args.workers} workers, device {accelerator.device}, {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}, {args.steps} steps in {wall:.1f} s")
+    print("\n| section | first step s | later steps s (mean) | share of step |")
+    print("|---|---:|---:|---:|")
+    later = slice(1, None)
+    step_mean = series["step"][later].mean()
+    for name in (*SECTIONS, "step"):
+        first, mean = series[name][0], series[name][later].mean()
+        print(f"| {name} | {first:.3f} | {mean:.3f} | {mean / step_mean:.1%} |")
+    print(f"\ncells/s (later steps): {cells[later].mean():,.0f}")
+    print(f"targets: data wait < 10%: {series['data_wait'][later].mean() / step_mean:.1%}; "
+          f"mining < 5%: {series['mining'][later].mean() / step_mean:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,15 +4,16 @@
     python benchmarks/loader_throughput.py --store PATH [--workers 2] [--batches 40]
         [--batch-size 1000] [--pool-batches 8]
 
-(a) ceiling: a sequential scan of the counts array (TileDB's own threads), as many cells as
-    (c) delivers, from a random start;
+(a) ceiling: a sequential scan of the counts array (TileDB's own threads): as many cells as
+    (c) delivers, from a random start, in contiguous blocks of one pool (batch-size x
+    pool-batches cells) through the same read path (``read_rows``);
 (b) floor: SCimilarity's read pattern: per batch, weighted ``np.random.choice`` in the main
     process, then one random ``multi_index`` query of the batch's cells in a DataLoader worker
     with TileDB single-threaded, COO -> CSR -> gene subset -> lognorm -> dense;
 (c) scimtrain's ``CellStream``: weighted sampling plan, pooled sorted reads, dense output.
 
-Prints cells/s of each, the ratios c/a and c/b, and the peak memory (RSS of this process and
-its workers, sampled) of (c). All three read the cells of the selection's training split.
+Prints cells/s of each, the ratios c/a and c/b, and the peak memory of (c) (this process and
+its workers, proportional set size, sampled). All three read the cells of the selection's training split.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ SINGLE_THREADED = {  # SCimilarity's collator config
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and its children every 50 ms."""
+    """Samples the memory of this process and its children every 100 ms: the sum of their
+    proportional set sizes (PSS), so pages shared after fork are counted once."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -53,12 +55,12 @@ class PeakRSS:
         me = psutil.Process()
         while not self._stop.is_set():
             try:
-                total = me.memory_info().rss + sum(
-                    c.memory_info().rss for c in me.children(recursive=True))
+                total = sum(p.memory_full_info().pss
+                            for p in [me, *me.children(recursive=True)])
             except psutil.Error:
                 continue
             self.peak = max(self.peak, total)
-            self._stop.wait(0.05)
+            self._stop.wait(0.1)
 
     def __enter__(self) -> PeakRSS:
         self._thread.start()
@@ -76,16 +78,14 @@ def timed(fn: Callable[[], int]) -> float:
     return cells / (time.perf_counter() - start)
 
 
-def sequential_scan(store: CellArrStore, n_cells: int, seed: int) -> int:
-    """(a): contiguous row blocks of 1,000 cells, straight from TileDB."""
-    arr = store.counts_array()
+def sequential_scan(store: CellArrStore, n_cells: int, block: int, seed: int) -> int:
+    """(a): contiguous blocks of ``block`` cells (the stream's pool size) read with the same
+    ``read_rows`` (one TileDB query, CSR out) from a random start, TileDB multi-threaded."""
     start = int(np.random.default_rng(seed).integers(0, max(1, store.n_cells - n_cells)))
     done = 0
-    for lo in range(start, min(start + n_cells, store.n_cells), 1000):
-        hi = min(lo + 1000, store.n_cells) - 1
-        result = arr.query(attrs=[store.counts_attr]).multi_index[lo:hi, :]
-        done += hi - lo + 1
-        assert result[store.counts_attr].size > 0
+    for lo in range(start, min(start + n_cells, store.n_cells), block):
+        rows = store.read_rows(np.arange(lo, min(lo + block, store.n_cells)))
+        done += rows.shape[0]
     return done
 
 
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiledb-threads", type=int, default=None,
                         help="TileDB compute/io threads per reading process (default: the "
                              "stream's choice)")
+    parser.add_argument("--tiledb-memory-mb", type=int, default=StreamConfig.tiledb_memory_mb,
+                        help="TileDB memory budget per reading process (sm.mem.total_budget)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", default="", help="comma list of a,b,c to skip")
     args = parser.parse_args(argv)
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     skip = set(args.skip.split(","))
     results = {}
     if "a" not in skip:
-        results["a"] = timed(lambda: sequential_scan(store, n, args.seed))
+        block = args.batch_size * args.pool_batches
+        results["a"] = timed(lambda: sequential_scan(store, n, block, args.seed))
         print(f"(a) sequential scan           {results['a']:>10,.0f} cells/s")
     if "b" not in skip:
         results["b"] = timed(lambda: scimilarity_pattern(
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     config = StreamConfig(batch_size=args.batch_size, n_batches=args.batches,
                           num_workers=args.workers, pool_batches=args.pool_batches,
                           prefetch_pools=args.prefetch_pools, seed=args.seed,
-                          tiledb_threads=args.tiledb_threads)
+                          tiledb_threads=args.tiledb_threads,
+                          tiledb_memory_mb=args.tiledb_memory_mb)
     with PeakRSS() as memory:
         results["c"] = timed(lambda: scimtrain_stream(store, train, selection.gene_indices,
                                                       config))

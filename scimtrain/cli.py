@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="batches read together in one sorted TileDB query")
     loader.add_argument("--prefetch_pools", type=int, default=StreamConfig.prefetch_pools,
                         help="pools read ahead per worker")
+    loader.add_argument("--tiledb_threads", type=int, default=None,
+                        help="TileDB threads per reading process (default: 1 per worker, "
+                             "TileDB's own choice without workers)")
+    loader.add_argument("--tiledb_memory_mb", type=int, default=StreamConfig.tiledb_memory_mb,
+                        help="TileDB memory budget per reading process")
     loader.add_argument("--sparse_batches", action="store_true",
                         help="move batches as CSR and densify on the device")
     out = p.add_argument_group("output")
@@ -173,7 +178,7 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Reject values that would fail later, naming the flag."""
     positive = ["batch_size", "max_epochs", "n_batches", "latent_dim", "pool_batches",
-                "keep_checkpoints"]
+                "keep_checkpoints", "tiledb_memory_mb"]
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -284,7 +289,9 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
     workers = min(args.num_workers, os.cpu_count() or 1)
     stream = StreamConfig(batch_size=args.batch_size, n_batches=args.n_batches, seed=args.seed,
                           pool_batches=args.pool_batches, prefetch_pools=args.prefetch_pools,
-                          num_workers=workers, output="csr" if args.sparse_batches else "dense")
+                          num_workers=workers, output="csr" if args.sparse_batches else "dense",
+                          tiledb_threads=args.tiledb_threads,
+                          tiledb_memory_mb=args.tiledb_memory_mb)
     train = CellStream(store, CellTable.from_frame(selection.train), selection.gene_indices,
                        stream, rank, world)
     has_val = len(selection.val) > 0 and args.val_batches > 0

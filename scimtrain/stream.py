@@ -80,7 +80,7 @@ class StreamConfig:
     n_batches: int = 100
     mode: Mode = "weighted"
     seed: int = 0
-    pool_batches: int = 8
+    pool_batches: int = 16
     prefetch_pools: int = 1
     num_workers: int = 2
     multiprocessing_context: str | None = None  # None: the platform default ("fork" on Linux)
@@ -88,12 +88,16 @@ class StreamConfig:
     target_sum: float = 1e4
     pin_memory: bool = False
     tiledb_threads: int | None = None
+    tiledb_memory_mb: int = 256
     tiledb_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("pool_batches", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.tiledb_memory_mb < 1 or (self.tiledb_threads is not None
+                                         and self.tiledb_threads < 1):
+            raise ValueError("tiledb_memory_mb and tiledb_threads must be at least 1")
         if self.prefetch_pools < 0 or self.num_workers < 0:
             raise ValueError("prefetch_pools and num_workers must be >= 0")
         if self.output not in ("dense", "csr"):
@@ -205,8 +209,7 @@ class CellStream(IterableDataset):
     def _produce(self, epoch: int, start: int, worker: int, n_workers: int) -> Iterator[Batch]:
         """This worker's batches of ``epoch`` from batch ``start`` on, read pool by pool."""
         mine = list(range(start + worker, len(self), n_workers))
-        pools = [mine[i:i + self.config.pool_batches]
-                 for i in range(0, len(mine), self.config.pool_batches)]
+        pools = ramped_pools(mine, self.config.pool_batches)
         plans = ([self.plan.batch(epoch, self.rank, k) for k in pool] for pool in pools)
         reads = ((batches, self._read_pool(batches)) for batches in plans)
         for batches, pool in prefetch(reads, self.config.prefetch_pools):
@@ -256,14 +259,32 @@ def _worker_init(_: int) -> None:
     protect_inherited_objects()
 
 
+def ramped_pools(batches: list[int], pool_batches: int) -> list[list[int]]:
+    """Group a worker's batches into pools of 1, 2, 4, ... up to ``pool_batches`` batches.
+
+    Large pools read faster per cell, but the first batch of an epoch waits for the whole
+    first pool: ramping up keeps that wait at one batch's read.
+    """
+    pools, i, size = [], 0, 1
+    while i < len(batches):
+        pools.append(batches[i:i + size])
+        i += size
+        size = min(2 * size, pool_batches)
+    return pools
+
+
 def reader_config(config: StreamConfig) -> dict:
     """TileDB settings of the reading processes.
 
     With DataLoader workers, each worker reads with one TileDB thread: the workers are the
     parallelism (TileDB's own threads gain ~1.2x on 2 cores, two single-threaded workers ~2x).
     Result buffers start large enough for a pool, so a read is not resubmitted to grow them.
+    TileDB's memory budget bounds the tiles one read decompresses at once: with CellArr's
+    10,000-value tiles a random read of 16,000 cells would otherwise hold ~1.6 GB of tiles, and
+    the smaller working set is also faster (benchmarks/loader_throughput.py, README).
     """
-    settings: dict = {"py.init_buffer_bytes": 128 * 2**20}
+    settings: dict = {"py.init_buffer_bytes": 128 * 2**20,
+                      "sm.mem.total_budget": config.tiledb_memory_mb * 2**20}
     threads = config.tiledb_threads
     if threads is None and config.num_workers > 0:
         threads = 1

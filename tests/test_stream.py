@@ -270,3 +270,12 @@ def test_prefetch_order_errors_and_early_stop():
     for item in prefetch(iter(range(100)), 1):  # the consumer leaves with the buffer full
         break
     assert threading.active_count() == before and time.perf_counter() - started < 5
+
+
+def test_pools_ramp_up_to_the_pool_size():
+    from scimtrain.stream import ramped_pools
+
+    pools = ramped_pools(list(range(20)), 4)
+    assert [len(p) for p in pools] == [1, 2, 4, 4, 4, 4, 1]
+    assert sum(pools, []) == list(range(20))
+    assert ramped_pools([], 4) == []

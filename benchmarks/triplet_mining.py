@@ -78,6 +78,21 @@ def time_vectorised(emb, labels, studies, desc, args, device: str) -> tuple[floa
     return statistics.median(times) * 1e3, out[3]
 
 
+def size_warmup(n_cells: int, n_labels: int, args, device: str) -> None:
+    """Mine one batch of the largest size before any timing.
+
+    glibc sizes its heap policy from the largest blocks a process has freed (its dynamic
+    mmap and trim thresholds): until a block as large as a B×B distance matrix has been
+    freed once, freeing a call's temporaries hands their pages back to the OS and the next
+    call faults them in again, a few ms at B = 1,000. A training process is past that after
+    its first step; without this warm-up a row's time would depend on which sizes the
+    benchmark happened to run before it."""
+    emb, labels, studies, desc = make_batch(n_cells, n_labels, args.studies, args.dim,
+                                            args.noise, 0.0, args.seed)
+    mine_triplets(*(torch.from_numpy(x).to(device) for x in (emb, labels, studies, desc)),
+                  margin=args.margin, selection=args.selection)
+
+
 def time_reference(emb, labels, studies, desc, args) -> tuple[float, int]:
     times, hard = [], 0
     for _ in range(args.reference_repeats):
@@ -164,6 +179,9 @@ def main() -> None:
                    help="default: cpu, plus cuda when available")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    p.add_argument("--no-size-warmup", action="store_true",
+                   help="do not mine one batch of the largest size before timing (see "
+                        "size_warmup)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -187,6 +205,8 @@ def main() -> None:
     configs = [(s, n_labels, n_cells) for s in args.skews for n_labels in args.labels
                for n_cells in args.sizes]
     for device in devices:
+        if not args.no_size_warmup:
+            size_warmup(max(args.sizes), max(args.labels), args, device)
         for skew, n_labels, n_cells in configs:
             emb, labels, studies, desc = make_batch(n_cells, n_labels, args.studies,
                                                     args.dim, args.noise, skew, args.seed)

@@ -1,51 +1,54 @@
 """Ontology-aware triplet mining (SPEC §5) without a per-pair loop.
 
-Same pairs, candidates, hard/viable counts and selection windows as SCimilarity's loop; the
-work is a few passes over the batch's distance matrix plus O(pairs) steps.
+Same pairs, candidates, hard/viable counts and selection windows as SCimilarity's loop, in a
+few passes over the batch's distance matrix and O(pairs) steps; no sort of the matrix.
 
-How: per anchor row, the values that matter are the pairs' thresholds ("boundaries"): a
-negative x is hard for pair p when ``x < t_p`` (``t_p = D[a,p] + margin``) and in its
-semihard window when also ``x > D[a,p]``. Written with the neighbouring floats
-(``x > d`` is ``x >= nextafter(d, +inf)``, ``x < t`` is ``x <= nextafter(t, -inf)``), every
-test is "boundary <= x", so a candidate's **bin**, the number of its row's boundaries <= x,
-decides everything: a pair's hard negatives are the bins up to one index and its window a
-run of consecutive bins. Then:
+For a pair (a, p) with d = D[a,p] and t = d + margin, a candidate negative x of anchor a is
+hard when x < t and in the semihard window when also x > d. Those pair thresholds are the
+row's *boundaries*; a candidate's *cell* is its row's offset plus the number of boundaries
+below it. A pair's hard candidates then fill the row's cells up to t's, its window the cells
+after (the float after) d's up to t's, so with the candidates lined up cell after cell both are
+one run, and a uniform pick inside it is one index. Steps:
 
-1. keep only candidates below the row's largest threshold (a few tenths of the row);
-2. bin them exactly without sorting: a coarse monotone bucket of each value
-   (``trunc(x * scale + shift)``, 256 per row) indexes the boundaries counted per bucket, and
-   only values sharing a bucket with a boundary (~15%) compare against those few;
-3. one stable counting sort by (row, bin) lines the candidates up bin after bin (scipy's
-   CSR → CSC transpose on the CPU, ``torch.sort`` elsewhere) and gives where each bin starts;
-4. per pair, the bins of its own two boundaries give its hard count, its window size and, with
-   one uniform number, the position of its negative; ``hardest`` is the row's closest candidate.
+1. per block of anchor rows, the candidates below their row's largest boundary (the rest
+   are past every boundary: never hard, never picked), row after row;
+2. exact cells without sorting: a monotone bucket key per row (``trunc(max(x, lo) * scale +
+   offset)``, at least 256 buckets per row, 4 per boundary) indexes the boundaries counted
+   per bucket (one counting sort of the boundaries); a value compares only with the few
+   boundaries of its own bucket;
+3. one stable counting sort by cell lines the candidates up (on the CPU scipy's CSR → CSC
+   transpose, one pass; ``torch.sort`` elsewhere), and its counts give each cell's start;
+4. per pair, the cells of its own boundaries give its hard count, its window and, with one
+   uniform number, its negative; ``hardest`` takes each row's closest candidate.
 
-The same code runs on numpy (CPU: faster kernels, and row blocks run in parallel threads) or
-on torch tensors (any device). Results do not depend on the backend, the block size or the
-bucket resolution.
+The same code runs on numpy arrays (CPU: numpy's kernels beat torch's on these small
+gathers and masks) and on torch tensors (any device, e.g. CUDA). The picks depend only on
+the generator's numbers: not on the backend, the block size or the bucket counts.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse
 import torch
 
+try:  # scipy's CSR -> CSC transpose kernel (what ``csr_matrix.tocsc`` runs), without the
+    # Python-side checks and copies, which cost as much as the kernel for these sizes.
+    from scipy.sparse._sparsetools import csr_tocsc as _csr_tocsc
+except ImportError:  # pragma: no cover - private module moved
+    _csr_tocsc = None
+
 __all__ = ["SELECTIONS", "mine_triplets", "squared_distances"]
 
 SELECTIONS = ("semihard", "hardest", "random")
 
-# Elements of one block of (anchor rows × batch); bounds the miner's working set.
-_CHUNK_ELEMENTS = 1 << 22
 # Coarse buckets per anchor row. Speed only: more buckets mean fewer values to compare
 # exactly but a larger lookup table.
 _BUCKETS = 256
-# Blocks smaller than this many (rows × batch) elements are not worth a thread.
-_MIN_THREAD_ELEMENTS = 1 << 17
+_BUCKETS_PER_BOUNDARY = 4  # rows with many boundaries get more buckets...
+_MAX_BUCKETS = 4096  # ... up to this many
 
 
 # ----------------------------------------------------------------------------- validation
@@ -118,11 +121,14 @@ def _uniform(n: int, generator: torch.Generator | None, device: torch.device) ->
 
 
 class _NumpyOps:
-    """CPU arrays. numpy's kernels are single-threaded and release the GIL, so blocks of
-    anchor rows run in parallel threads."""
+    """CPU arrays (zero-copy views of the CPU tensors)."""
 
     i32, i64, f64 = np.int32, np.int64, np.float64
     index = np.int32  # per-candidate keys and cells: half the memory traffic of int64
+    # Blocks of anchor rows small enough that their arrays stay in cache, and that freeing
+    # them does not hand memory back to the OS (glibc trims a freed heap top past a few MiB,
+    # and every call would then fault its pages in again).
+    chunk_elements = 1 << 18
 
     @staticmethod
     def cast(x, dtype):
@@ -138,19 +144,28 @@ class _NumpyOps:
 
     @staticmethod
     def take(x, index):
-        return x.take(index)
+        return x.take(index)  # faster than x[index]
 
     @staticmethod
     def where(cond, x, y):
         return np.where(cond, x, y)
 
     @staticmethod
-    def eps(dtype):
-        return float(np.finfo(dtype).eps)
+    def minimum(x, y):
+        return np.minimum(x, y)
 
     @staticmethod
-    def unique_inverse(x):
-        return np.unique(x, return_inverse=True)
+    def maximum_(x, y):
+        return np.maximum(x, y, out=x)
+
+    @staticmethod
+    def segment_sum(flags, starts):
+        """Per segment [starts[i], starts[i + 1]) (all non-empty), the number of True flags."""
+        return np.add.reduceat(flags, starts[:-1], dtype=np.int32)
+
+    @staticmethod
+    def eps(dtype):
+        return float(np.finfo(dtype).eps)
 
     @staticmethod
     def nonzero(mask):
@@ -183,10 +198,6 @@ class _NumpyOps:
         return np.nextafter(x, x.dtype.type(np.inf if up else -np.inf))
 
     @staticmethod
-    def clip_(x, lo, hi):
-        return np.clip(x, lo, hi, out=x)
-
-    @staticmethod
     def full(n, value, like):
         return np.full(n, value, dtype=like.dtype)
 
@@ -204,20 +215,35 @@ class _NumpyOps:
         return out
 
     @staticmethod
-    def group(keys, n_keys):
-        """Stable counting sort of int keys in [0, n_keys): (order, starts), ``starts[k]`` =
-        number of keys < k. Scipy's CSR → CSC transpose of a 1 × n_keys matrix is exactly
-        that, in one cache-friendly pass (numpy's radix argsort is several times slower)."""
+    def group(keys, n_keys, values):
+        """Stable counting sort by int keys in [0, n_keys): ``values`` in key order, and
+        ``starts`` (``starts[k]`` = number of keys < k). The CSR -> CSC transpose of a
+        1 × n_keys matrix does exactly that in one cache-friendly pass (numpy's radix argsort
+        is several times slower)."""
         n = keys.shape[0]
-        one_row = scipy.sparse.csr_matrix(
-            (np.arange(n, dtype=np.int32), keys.astype(np.int32, copy=False),
-             np.array([0, n], dtype=np.int32)), shape=(1, n_keys))
-        by_key = one_row.tocsc()
+        keys = keys.astype(np.int32, copy=False)
+        if n and not (0 <= int(keys.min()) and int(keys.max()) < n_keys):
+            # the raw kernel does not check (it would write out of bounds)
+            raise AssertionError("triplet miner: grouping key out of range (a bug)")
+        if _csr_tocsc is not None:
+            starts = np.empty(n_keys + 1, dtype=np.int32)
+            out = np.empty_like(values)
+            _csr_tocsc(1, n_keys, np.array([0, n], dtype=np.int32), keys, values, starts,
+                       np.empty(n, dtype=np.int32), out)
+            return out, starts
+        by_key = scipy.sparse.csr_matrix((values, keys, np.array([0, n], dtype=np.int32)),
+                                         shape=(1, n_keys)).tocsc()
         return by_key.data, by_key.indptr
 
     @staticmethod
     def from_torch(t: torch.Tensor) -> np.ndarray:
         return t.detach().cpu().numpy()
+
+    @staticmethod
+    def max_square_norm(x) -> float:
+        """Largest |row|² (NaN if any entry is NaN, inf on overflow)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float((x * x).sum(1).max())
 
 
 class _TorchOps:
@@ -225,6 +251,7 @@ class _TorchOps:
 
     i32, i64, f64 = torch.int32, torch.int64, torch.float64
     index = torch.int64
+    chunk_elements = 1 << 22
 
     @staticmethod
     def cast(x, dtype):
@@ -247,12 +274,23 @@ class _TorchOps:
         return torch.where(cond, x, y)
 
     @staticmethod
-    def eps(dtype):
-        return float(torch.finfo(dtype).eps)
+    def minimum(x, y):
+        return torch.minimum(x, y)
 
     @staticmethod
-    def unique_inverse(x):
-        return torch.unique(x, return_inverse=True)
+    def maximum_(x, y):
+        return torch.maximum(x, y, out=x)
+
+    @staticmethod
+    def segment_sum(flags, starts):
+        segment = torch.repeat_interleave(torch.arange(starts.shape[0] - 1, device=flags.device),
+                                          starts[1:] - starts[:-1], output_size=flags.shape[0])
+        return torch.zeros(starts.shape[0] - 1, dtype=torch.long, device=flags.device) \
+            .index_add_(0, segment, flags.long())
+
+    @staticmethod
+    def eps(dtype):
+        return float(torch.finfo(dtype).eps)
 
     @staticmethod
     def nonzero(mask):
@@ -283,10 +321,6 @@ class _TorchOps:
         return torch.nextafter(x, torch.full_like(x, math.inf if up else -math.inf))
 
     @staticmethod
-    def clip_(x, lo, hi):
-        return x.clamp_(lo, hi)
-
-    @staticmethod
     def full(n, value, like):
         return torch.full((n,), value, dtype=like.dtype, device=like.device)
 
@@ -302,14 +336,19 @@ class _TorchOps:
         return out.scatter_reduce_(0, rows, values, "amax" if largest else "amin")
 
     @staticmethod
-    def group(keys, n_keys):
-        order = torch.argsort(keys, stable=True)
-        return order, torch.nn.functional.pad(
-            torch.bincount(keys, minlength=n_keys).cumsum(0), (1, 0))
+    def group(keys, n_keys, values):
+        sorted_keys, order = torch.sort(keys, stable=True)
+        # Starts by binary search rather than bincount: deterministic on CUDA too.
+        return values[order], torch.searchsorted(
+            sorted_keys, torch.arange(n_keys + 1, device=keys.device))
 
     @staticmethod
     def from_torch(t: torch.Tensor) -> torch.Tensor:
         return t.detach()
+
+    @staticmethod
+    def max_square_norm(x) -> float:
+        return float((x * x).sum(1).max())
 
 
 # ----------------------------------------------------------------------------- batch structure
@@ -322,16 +361,16 @@ def _same_label_pairs(ops, lab, studies):
     order = ops.argsort_stable(lab)  # cells grouped by label, ascending index inside
     group_end = ops.offsets(ops.bincount(lab, 0))[1:]
     idx = ops.arange(n, lab)
-    place = idx.copy() if ops is _NumpyOps else idx.clone()
+    place = ops.full(n, 0, idx)
     place[order] = idx  # each cell's slot in `order`
     later = group_end[lab] - place - 1  # same-label cells after it: its positives
     first = ops.offsets(later)
-    anchor = ops.repeat(idx, later)
-    step = ops.arange(anchor.shape[0], lab) - ops.repeat(first[:-1], later)
-    positive = order[place[anchor] + 1 + step]
+    # the k-th positive of a cell sits k + 1 slots after it in `order`
+    slot = ops.repeat(place + 1 - first[:-1], later) + ops.arange(int(first[-1]), lab)
+    anchor, positive = ops.repeat(idx, later), ops.take(order, slot)
     if studies is not None:
-        keep = ops.nonzero(studies[anchor] != studies[positive])
-        anchor, positive = anchor[keep], positive[keep]
+        keep = ops.nonzero(ops.repeat(studies, later) != ops.take(studies[order], slot))
+        anchor, positive = ops.take(anchor, keep), ops.take(positive, keep)
     return anchor, positive
 
 
@@ -343,9 +382,11 @@ def _candidate_table(ops, lab, neg_lab, desc):
     label after perturbation, as in SCimilarity) is not a strict ontology ancestor or
     descendant of x.
     """
-    n = lab.shape[0]
-    present, inverse = ops.unique_inverse(ops.cat([lab, neg_lab]))
-    lab, neg_lab = inverse[:n], inverse[n:]
+    n_labels = desc.shape[0]
+    present = ops.nonzero(ops.bincount(ops.cat([lab, neg_lab]), n_labels))
+    renumber = ops.full(n_labels, 0, lab)
+    renumber[present] = ops.arange(present.shape[0], lab)
+    lab, neg_lab = renumber[lab], renumber[neg_lab]
     sub = desc[present][:, present]
     excluded = (sub | sub.T)[:, neg_lab]
     excluded |= ops.arange(present.shape[0], lab)[:, None] == lab[None, :]
@@ -355,138 +396,120 @@ def _candidate_table(ops, lab, neg_lab, desc):
 # ----------------------------------------------------------------------------- the miner
 
 
-def _mine_block(ops, dist, cand, a, d_ap, u, margin: float, selection: str, buckets: int):
-    """Counts and picks for the pairs anchored in one block of rows.
+class _Bins:
+    """Exact bins of values among each anchor row's boundaries, without sorting the values.
 
-    Args:
-        dist: R×B squared distances of the block's anchor rows; ``cand``: R×B bool mask of
-            their candidate negatives.
-        a: each pair's anchor as a row of the block (non-decreasing); ``d_ap``: D[a, p].
-        u: one uniform number per pair (None for ``hardest``).
+    ``cells(values, keys)`` gives the cell ``r + (boundaries of earlier rows) + #{row r's
+    boundaries <= value}`` of each value of row r: row r's cells follow row r - 1's, with one
+    cell more than the row has boundaries.
 
-    Returns:
-        ``(kept, negative, num_hard)``: the pairs that get a triplet (indices into ``a``,
-        ascending), their negatives' columns, and the block's hard (pair, candidate) count.
+    A value's key is a bucket monotone in the value within its row (``keys``): a value in a
+    lower bucket than a boundary is below it, in a higher one above it. The boundaries are
+    lined up bucket after bucket (one counting sort), with one +inf boundary in a key reserved
+    at the end of each row, so a bucket's first boundary sits at the position that is the cell
+    of the bucket's lowest values; a value adds the boundaries of its own bucket that are <=
+    it. A bucket rarely holds more than one; comparing against the next position instead when
+    it holds none is harmless, as that boundary lies in a higher bucket.
     """
-    n_rows, width = dist.shape
-    n_pairs = a.shape[0]
-    semihard = selection == "semihard"
-    rows = ops.arange(n_rows, a)
-    pair_count = ops.bincount(a, n_rows)
-    pair_start = ops.offsets(pair_count)
-    thr = d_ap + margin
-    below_thr = ops.nextafter(thr, up=False)  # x < thr  <=>  x <= below_thr
-    if semihard:
-        above_d = ops.nextafter(d_ap, up=True)  # x > d  <=>  x >= above_d
-        bounds, bound_row = ops.cat([above_d, thr]), ops.cat([a, a])
-        queries, query_row = ops.cat([d_ap, below_thr]), bound_row
-    else:
-        bounds, bound_row = thr, a
-        queries, query_row = below_thr, a
 
-    # 1. The candidates below the row's largest threshold, row after row (larger ones are
-    # past every boundary: never hard, never picked).
-    hi = ops.row_extreme(thr, pair_start, pair_count, n_rows, -math.inf, largest=True)
-    mask = dist < hi[:, None]
-    mask &= cand
-    flat = ops.nonzero(mask)  # positions in the block, row-major
-    del mask
-    row_start = ops.searchsorted(flat, ops.arange(n_rows + 1, a) * width)
-    row_count = row_start[1:] - row_start[:-1]
-    x = ops.take(dist, flat)
+    def __init__(self, ops, bound_parts, part_count, lo, hi, n_rows: int, buckets: int,
+                 per_bound: int = _BUCKETS_PER_BOUNDARY) -> None:
+        """``bound_parts``: arrays of boundaries, each row after row with ``part_count`` per
+        row; ``lo``/``hi``: each row's smallest and largest boundary. A row gets ``buckets``
+        buckets, or ``per_bound`` per boundary when it has many."""
+        self.ops = ops
+        n_buckets = ops.minimum(ops.maximum_(part_count * (per_bound * len(bound_parts)),
+                                             ops.full(n_rows, buckets, part_count)),
+                                ops.full(n_rows, _MAX_BUCKETS, part_count))
+        row_base = ops.offsets(n_buckets + 1)  # one reserved key at the end of each row
+        # key = trunc(max(x, lo) * scale + offset) maps [lo, hi] onto row r's keys
+        # row_base[r] + [1, n_buckets[r] - 1]; every value is <= hi (candidates were taken
+        # below it), so the reserved key row_base[r] + n_buckets[r] is never reached.
+        span = hi - lo
+        usable = ops.isfinite(span) & (span > 0)  # else one bucket for the row
+        span, lo = ops.where(usable, span, 1.0), ops.where(usable, lo, 0.0)
+        ftype = lo.dtype
+        if (float((abs(ops.where(usable, hi, 0.0)) * n_buckets / span).max()) * ops.eps(ftype)
+                > 0.05 or int(row_base[-1]) >= 2 ** 21):
+            # float32 would blur the buckets (embeddings far from unit length) or the keys.
+            ftype = ops.f64
+            span, lo = ops.cast(span, ftype), ops.cast(lo, ftype)
+        self.ftype, self.lo = ftype, lo
+        self.scale = ops.where(usable, ops.cast(n_buckets - 2, ftype) / span, 0.0)
+        self.offset = 1 - lo * self.scale + ops.cast(row_base[:-1], ftype)
 
-    # 2. Bins. A bucket key monotone in the value within each row: a value in a lower bucket
-    # than a boundary is below it, in a higher one above it; only a shared bucket needs a
-    # comparison. The same float operations on values and boundaries, as separate kernels
-    # (no fused multiply-add), keep keys monotone whatever the rounding. Row r's keys are
-    # r * buckets + [0, buckets): [lo, hi] maps to [1, buckets - 1].
-    lo = ops.row_extreme(above_d if semihard else thr, pair_start, pair_count, n_rows,
-                         math.inf, largest=False)
-    span = hi - lo
-    usable = ops.isfinite(span) & (span > 0)  # else one bucket for the row
-    span, lo = ops.where(usable, span, 1.0), ops.where(usable, lo, 0.0)
-    ftype = dist.dtype
-    if (float((abs(ops.where(usable, hi, 0.0)) / span).max()) * buckets * ops.eps(ftype) > 0.05
-            or n_rows * buckets >= 2 ** 24):
-        # float32 would blur the buckets (embeddings far from unit length) or the keys.
-        ftype = ops.f64
-        span, lo = ops.cast(span, ftype), ops.cast(lo, ftype)
-    scale = ops.where(usable, (buckets - 2) / span, 0.0)
-    shift = 1 - lo * scale
-    base = ops.cast(rows * buckets, ftype)
+        reserved = row_base[:-1] + n_buckets
+        keys = ops.cat([self.keys(b, part_count) for b in bound_parts]
+                       + [ops.cast(reserved, ops.index)])
+        values = ops.cat(list(bound_parts) + [ops.full(n_rows, math.inf, bound_parts[0])])
+        self.bounds, start = ops.group(keys, int(row_base[-1]), values)
+        # Per bucket: the position of its first boundary, times 2, + 1 if it holds several.
+        several = (start[1:] - start[:-1]) > 1
+        self.lookup = start[:-1]
+        self.lookup *= 2
+        self.lookup += several
+        # Each boundary's cell as a value: the boundaries of its row below it, i.e. its
+        # bucket's first position plus the boundaries of its bucket below it.
+        n_bounds = keys.shape[0] - n_rows
+        self.bound_cells = self._count(values[:n_bounds], keys[:n_bounds], strict=True)
 
-    def keys(values, scale, shift, base):
-        y = ops.cast(values, ftype) * scale
-        y += shift
-        ops.clip_(y, 0, buckets - 1)
-        y += base
+    def keys(self, values, row_count, r0: int = 0, r1: int | None = None):
+        """Bucket keys of values grouped row after row, ``row_count`` per row of rows
+        ``r0:r1``.
+
+        The same separate operations for every value (no fused multiply-add) keep the key
+        monotone in the value within a row, whatever the rounding."""
+        ops = self.ops
+        y = ops.repeat(self.lo[r0:r1], row_count)
+        y = ops.maximum_(y, ops.cast(values, self.ftype))
+        y *= ops.repeat(self.scale[r0:r1], row_count)
+        y += ops.repeat(self.offset[r0:r1], row_count)
         return ops.cast(y, ops.index)
 
-    bound_order, bucket_start = ops.group(
-        keys(bounds, scale[bound_row], shift[bound_row], base[bound_row]), n_rows * buckets)
-    sorted_bounds = bounds[bound_order]
-    # Cells: row r's values fall in cells ``r + (boundaries of earlier rows) + bin``, one more
-    # cell than boundaries per row. ``first_cell[key]``: the cell of the bucket's lowest
-    # values; ``crowded[key]``: boundaries share the bucket.
-    first_cell = bucket_start[:-1] + ops.cast(ops.repeat(rows, buckets), bucket_start.dtype)
-    crowded = bucket_start[1:] > bucket_start[:-1]
+    def cells(self, values, keys):
+        """Cells of ``values`` (their buckets ``keys``)."""
+        return self._count(values, keys, strict=False)
 
-    def cells(values, key):
-        cell = ops.take(first_cell, key)
-        shared = ops.nonzero(ops.take(crowded, key))
-        if shared.shape[0]:
-            k = ops.cast(key[shared], ops.i64)
-            first = ops.cast(bucket_start[k], ops.i64)
-            n_in = ops.cast(bucket_start[k + 1], ops.i64) - first
-            v = values[shared]
-            extra = ops.cast(sorted_bounds[first] <= v, cell.dtype)
-            more = ops.nonzero(n_in > 1)
-            i = 1
-            while more.shape[0]:
-                extra[more] += ops.cast(sorted_bounds[first[more] + i] <= v[more], cell.dtype)
-                i += 1
-                more = more[n_in[more] > i]
-            cell[shared] += extra
+    def _count(self, values, keys, strict: bool):
+        # first position of the bucket + #{its boundaries <= value} (< value when strict)
+        ops = self.ops
+        cell = ops.take(self.lookup, keys)
+        crowded = ops.nonzero((cell & 1) != 0)
+        cell >>= 1
+        first = ops.take(cell, crowded)
+        below = ops.take(self.bounds, cell)
+        cell += below < values if strict else below <= values
+        if crowded.shape[0]:  # buckets with several boundaries: compare with the others too
+            others = ops.take(self.lookup, ops.take(keys, crowded) + 1) >> 1  # the next key is
+            others -= first + 1                                                # in the row
+            start = ops.offsets(others)
+            member = ops.repeat(first + 1 - start[:-1], others) + ops.arange(int(start[-1]), keys)
+            b, v = ops.take(self.bounds, member), ops.repeat(ops.take(values, crowded), others)
+            cell[crowded] += ops.segment_sum(b < v if strict else b <= v, start)
         return cell
 
-    cell = cells(x, keys(x, ops.repeat(scale, row_count), ops.repeat(shift, row_count),
-                         ops.repeat(base, row_count)))
-    query_cell = ops.cast(cells(queries, keys(queries, scale[query_row], shift[query_row],
-                                              base[query_row])), ops.i64)
-    row_cell = pair_start[:-1] * (2 if semihard else 1) + rows  # each row's bin 0
-    n_cells = n_rows + bounds.shape[0]
 
-    if selection == "hardest":
-        # Hard count: per candidate, its row's thresholds above it (pairs minus its bin).
-        num_hard = int((pair_count * row_count).sum() + (row_cell * row_count).sum()
-                       - ops.cast(cell, ops.i64).sum())
-        best = ops.row_extreme(x, row_start, row_count, n_rows, math.inf, largest=False)
-        kept = ops.nonzero(best[a] < thr)
-        if not kept.shape[0]:
-            return kept, kept, num_hard
-        # The first (lowest column) of each row's closest candidates.
-        hit = ops.nonzero(x == ops.repeat(best, row_count))
-        first = hit[ops.searchsorted(hit, row_start[:-1]).clip(0, hit.shape[0] - 1)]
-        closest = flat[first] - rows * width
-        return kept, closest[a[kept]], num_hard
+def _candidate_positions(ops, dist, hi, cand):
+    """Positions (row-major) and values of the candidates below their row's ``hi``."""
+    mask = dist < hi[:, None]
+    mask &= cand
+    flat = ops.nonzero(mask)
+    del mask
+    row_start = ops.searchsorted(flat, ops.arange(dist.shape[0] + 1, hi) * dist.shape[1])
+    return flat, row_start, ops.take(dist, flat)
 
-    # 3. Candidates lined up cell after cell (row, then bin; column order inside a cell).
-    order, cell_start = ops.group(cell, n_cells)
-    del cell
-    row_first = ops.cast(cell_start[row_cell[a]], ops.i64)
-    end = ops.cast(cell_start[query_cell[n_pairs:] + 1 if semihard else query_cell + 1],
-                   ops.i64)
-    num_hard = int((end - row_first).sum())
-    start = ops.cast(cell_start[query_cell[:n_pairs] + 1], ops.i64) if semihard else row_first
 
-    # 4. One uniform pick per pair inside its run [start, end).
-    size = end - start
-    kept = ops.nonzero(size > 0)
-    size = size[kept]
-    j = ops.cast(u[kept] * size, ops.i64)
-    j = j - (j >= size)  # u * size rounds up to size only when u is within 2^-53 of 1
-    negative = flat[ops.cast(order[start[kept] + j], ops.i64)] - a[kept] * width
-    return kept, negative, num_hard
+def _closest(ops, flat, row_start, x, width):
+    """Per row of a block: the smallest candidate value (inf if none) and its column, the
+    lowest among ties (candidates are in column order)."""
+    n_rows = row_start.shape[0] - 1
+    row_count = row_start[1:] - row_start[:-1]
+    best = ops.row_extreme(x, row_start, row_count, n_rows, math.inf, largest=False)
+    hit = ops.nonzero(x == ops.repeat(best, row_count))
+    if not hit.shape[0]:
+        return best, ops.full(n_rows, 0, row_start)
+    first = hit[ops.searchsorted(hit, row_start[:-1]).clip(0, hit.shape[0] - 1)]
+    return best, flat[first] - ops.arange(n_rows, row_start) * width  # (garbage where none)
 
 
 @torch.no_grad()
@@ -501,7 +524,7 @@ def mine_triplets(
     generator: torch.Generator | None = None,
     negative_labels: torch.Tensor | None = None,
     dummy_triplet: bool = True,
-    chunk_elements: int = _CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Mine one negative per anchor-positive pair of a batch (SPEC §5).
 
@@ -525,7 +548,8 @@ def mine_triplets(
         dummy_triplet: when no pair gets a negative, return SCimilarity's single dummy
             triplet (0, 0, 0) (its loss equals the margin); False returns empty tensors.
         chunk_elements: work on blocks of anchor rows of at most this many row × batch
-            elements; results do not depend on it.
+            elements (default: 2^18 on the CPU, 2^22 elsewhere); results do not depend on
+            it.
 
     Returns:
         ``(anchor, positive, negative, num_hard, num_viable)``: three int64 index tensors on
@@ -558,8 +582,8 @@ def mine_triplets(
 
 
 def _mine(ops, embeddings, lab, neg_lab, st, desc, margin, selection, generator, *,
-          dummy_triplet: bool, chunk_elements: int,
-          buckets: int = _BUCKETS, threads: int | None = None):
+          dummy_triplet: bool, chunk_elements: int | None, buckets: int = _BUCKETS,
+          per_bound: int = _BUCKETS_PER_BOUNDARY):
     """``mine_triplets`` after validation, on the ``ops`` backend (tests run both on CPU)."""
     device = embeddings.device
     n = embeddings.shape[0]
@@ -572,63 +596,93 @@ def _mine(ops, embeddings, lab, neg_lab, st, desc, margin, selection, generator,
 
     lab_x, neg_lab_x, desc_x = (ops.from_torch(t) for t in (lab, neg_lab, desc))
     st_x = None if st is None else ops.from_torch(st)
-    pair_a, pair_p = _same_label_pairs(ops, lab_x, st_x)
-    n_pairs = pair_a.shape[0]
-    empty = pair_a[:0]
+    a, positive = _same_label_pairs(ops, lab_x, st_x)  # anchors ascending
+    n_pairs = a.shape[0]
     if n_pairs == 0:
-        return finish(empty, empty, empty, 0, 0)
-    # One number per pair in (anchor, positive) order, drawn up front so that the result
-    # does not depend on how rows are split into blocks.
+        return finish(a, a, a, 0, 0)
+    # One number per pair in (anchor, positive) order, drawn up front.
     u = None if selection == "hardest" else ops.from_torch(_uniform(n_pairs, generator, device))
-
     lab_x, table = _candidate_table(ops, lab_x, neg_lab_x, desc_x)
-    num_viable = int(table.sum(1)[lab_x[pair_a]].sum())
+    num_viable = int((ops.bincount(lab_x[a], table.shape[0]) * table.sum(1)).sum())
 
     emb = embeddings.detach()
     if emb.dtype in (torch.float16, torch.bfloat16):
         emb = emb.float()
-    sq = (emb * emb).sum(dim=1)
-    if not bool(torch.isfinite(sq).all()) or float(sq.max()) > torch.finfo(emb.dtype).max / 8:
+    if not ops.max_square_norm(ops.from_torch(emb)) <= torch.finfo(emb.dtype).max / 8:
         raise ValueError(
-            "embeddings contain NaN/inf or values too large to square (the model has "
+            "embeddings contain NaN/inf or values too large to square (has the model "
             "diverged?): triplet mining needs finite distances")
     dist = ops.from_torch(squared_distances(emb))
-    d_ap = dist.reshape(-1)[pair_a * n + pair_p]
+    d_ap = ops.take(dist, a * n + positive)
 
-    rows_per_block = max(1, int(chunk_elements) // max(n, 1))
-    workers = threads if threads is not None else (
-        torch.get_num_threads() if ops is _NumpyOps else 1)
-    if workers > 1 and n * n >= 2 * _MIN_THREAD_ELEMENTS:
-        rows_per_block = min(rows_per_block, -(-n // workers))
-    edges = list(range(0, n, rows_per_block)) + [n]
-    pair_edges = [int(i) for i in ops.searchsorted(pair_a, ops.arange(n + 1, pair_a)[edges])]
-
-    def block(i):
-        r0, r1, p0, p1 = edges[i], edges[i + 1], pair_edges[i], pair_edges[i + 1]
-        if p0 == p1:
-            return empty, empty, 0
-        kept, negative, hard = _mine_block(
-            ops, dist[r0:r1], table[lab_x[r0:r1]], pair_a[p0:p1] - r0, d_ap[p0:p1],
-            None if u is None else u[p0:p1], margin, selection, buckets)
-        return kept + p0, negative, hard
-
-    n_blocks = len(edges) - 1
-    if workers > 1 and n_blocks > 1:
-        results = list(_thread_pool(min(workers, n_blocks)).map(block, range(n_blocks)))
+    # Each pair's boundaries: a candidate x is hard when x < thr, in the semihard window
+    # when also x > d, i.e. x >= above_d.
+    semihard = selection == "semihard"
+    thr = d_ap + margin
+    if semihard:
+        above_d = ops.nextafter(d_ap, up=True)
+        bounds = (above_d, thr)
     else:
-        results = [block(i) for i in range(n_blocks)]
-    kept = ops.cat([r[0] for r in results])
-    negative = ops.cat([r[1] for r in results])
-    num_hard = sum(r[2] for r in results)
-    return finish(pair_a[kept], pair_p[kept], negative, num_hard, num_viable)
+        bounds = (thr,)
+    pair_count = ops.bincount(a, n)
+    pair_start = ops.offsets(pair_count)
+    lo = ops.row_extreme(bounds[0], pair_start, pair_count, n, math.inf, largest=False)
+    hi = ops.row_extreme(bounds[-1], pair_start, pair_count, n, -math.inf, largest=True)
+    if semihard:  # above_d passes thr only when the margin is below d's rounding step
+        hi = ops.maximum_(hi, ops.row_extreme(above_d, pair_start, pair_count, n, -math.inf,
+                                              largest=True))
+    bins = _Bins(ops, bounds, pair_count, lo, hi, n, buckets, per_bound)
+    # A value is below a boundary exactly when its cell is at most the boundary's own
+    # (counting only lower boundaries): a pair's hard candidates fill the cells up to its
+    # thr's, its semihard window the cells after its above_d's up to its thr's.
+    edge_cell = ops.cast(bins.bound_cells, ops.i64)
+    # Row r's cells: row_cell[r] (bin 0) to row_cell[r + 1] - 1.
+    row_cell = pair_start * len(bounds) + ops.arange(n + 1, a)
 
+    # The candidates, block of anchor rows after block: below their row's largest boundary
+    # (larger ones are past every boundary: never hard, never picked), binned, and lined up
+    # cell after cell (row, then bin; column order inside a cell).
+    if chunk_elements is None:
+        chunk_elements = ops.chunk_elements
+    rows_per_block = max(1, int(chunk_elements) // max(n, 1))
+    position_type = ops.i32 if n * n < 2 ** 31 else ops.i64
+    lined_up, cell_start, closest, n_lined, num_hard = [], [], [], 0, 0
+    for r0 in range(0, n, rows_per_block):
+        r1 = min(r0 + rows_per_block, n)
+        flat, row_start, x = _candidate_positions(ops, dist[r0:r1], hi[r0:r1],
+                                                  table[lab_x[r0:r1]])
+        row_count = row_start[1:] - row_start[:-1]
+        cell = bins.cells(x, bins.keys(x, row_count, r0, r1))
+        if selection == "hardest":
+            # Hard (pair, candidate): per candidate, the thresholds of its row above it, i.e.
+            # its row's pairs minus its bin.
+            num_hard += int((row_count * (pair_count[r0:r1] + row_cell[r0:r1])).sum()
+                            - ops.cast(cell, ops.i64).sum())
+            closest.append(_closest(ops, flat, row_start, x, n))
+            continue
+        c0, c1 = int(row_cell[r0]), int(row_cell[r1])
+        flat = ops.cast(flat, position_type) + r0 * n  # position in the batch
+        flat, starts = ops.group(cell - c0, c1 - c0, flat)
+        lined_up.append(flat)
+        cell_start.append(ops.cast(starts[:-1], ops.i64) + n_lined)
+        n_lined += flat.shape[0]
 
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+    if selection == "hardest":  # the row's closest candidate, if below the pair's thr
+        best, column = (ops.cat(c) for c in zip(*closest))
+        kept = ops.nonzero(best[a] < thr)
+        return finish(a[kept], positive[kept], column[a[kept]], num_hard, num_viable)
 
-
-def _thread_pool(n: int) -> ThreadPoolExecutor:
-    # Keyed by process id too: a forked child inherits the dict but not the threads.
-    key = (os.getpid(), n)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(n, thread_name_prefix="scimtrain-miner")
-    return _POOLS[key]
+    cell_start = ops.cat(cell_start + [ops.full(1, n_lined, row_cell)])
+    lined_up = ops.cat(lined_up)
+    row_first = ops.take(cell_start, row_cell[a])
+    end = ops.take(cell_start, edge_cell[n_pairs * (len(bounds) - 1):] + 1)
+    num_hard = int((end - row_first).sum())
+    start = ops.take(cell_start, edge_cell[:n_pairs] + 1) if semihard else row_first
+    # One uniform pick per pair inside its run [start, end) of lined-up candidates.
+    size = end - start
+    kept = ops.nonzero(size > 0)
+    size = size[kept]
+    j = ops.minimum(ops.cast(u[kept] * size, ops.i64), size - 1)  # u*size rounds up near 1
+    a, positive = a[kept], positive[kept]
+    negative = ops.cast(ops.take(lined_up, ops.take(start, kept) + j), ops.i64) - a * n
+    return finish(a, positive, negative, num_hard, num_viable)

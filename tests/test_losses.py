@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from scimtrain import mining
 from scimtrain.losses import (
     LossConfig,
     compute_loss,
@@ -354,6 +355,109 @@ def test_compute_loss_metrics():
     runs = [compute_loss(emb, recon, x, lab, st, desc, cfg, parent=parent,
                          generator=torch.Generator().manual_seed(3))[1] for _ in range(2)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def _mine_with(ops, emb, labels, studies, desc, selection, margin, seed=0, negative_labels=None,
+               **kwargs):
+    lab = torch.as_tensor(labels)
+    return mining._mine(
+        ops, torch.as_tensor(emb), lab, lab if negative_labels is None else
+        torch.as_tensor(negative_labels), None if studies is None else torch.as_tensor(studies),
+        torch.as_tensor(desc).bool(), margin, selection, torch.Generator().manual_seed(seed),
+        dummy_triplet=False, chunk_elements=kwargs.pop("chunk_elements", 1 << 22), **kwargs)
+
+
+def _same(x, y):
+    return all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(x, y))
+
+
+@pytest.mark.parametrize("selection", ["semihard", "random", "hardest"])
+@pytest.mark.parametrize("seed", range(3))
+def test_backends_threads_and_blocks_agree(selection, seed):
+    # The torch backend is the code CUDA runs; on the CPU it must pick exactly what the numpy
+    # backend picks, and neither may depend on threads or block size.
+    emb, labels, studies, desc, parent = make_batch(seed, n=240, ontology="random", dim=4)
+    for st in (studies, None):
+        base = _mine_with(mining._NumpyOps, emb, labels, st, desc, selection, 0.5, seed)
+        assert base[0].numel() > 0
+        for ops, kw in [(mining._TorchOps, {}), (mining._TorchOps, {"chunk_elements": 2000}),
+                        (mining._NumpyOps, {"chunk_elements": 7000}),
+                        (mining._NumpyOps, {"chunk_elements": 500})]:
+            assert _same(base, _mine_with(ops, emb, labels, st, desc, selection, 0.5, seed,
+                                          **kw)), (ops.__name__, kw)
+    perturbed = perturb_labels(torch.from_numpy(labels), parent, 0.5,
+                               torch.Generator().manual_seed(seed)).numpy()
+    runs = [_mine_with(ops, emb, perturbed, studies, desc, selection, 0.5, seed,
+                       negative_labels=labels) for ops in (mining._NumpyOps, mining._TorchOps)]
+    assert _same(*runs)
+
+
+@pytest.mark.parametrize("buckets", [3, 8])
+@pytest.mark.parametrize("selection", ["semihard", "random", "hardest"])
+def test_bucket_resolution_changes_nothing(buckets, selection):
+    # Few buckets per row: most values share a bucket with several boundaries, so every
+    # count comes from the exact comparisons; the picks must still be the very same.
+    emb, labels, studies, desc, _ = make_batch(8, n=200)
+    ref = reference_mine(emb, labels, studies, desc, 0.5, selection)
+    fine = _mine_with(mining._NumpyOps, emb, labels, studies, desc, selection, 0.5)
+    for ops in (mining._NumpyOps, mining._TorchOps):
+        coarse = _mine_with(ops, emb, labels, studies, desc, selection, 0.5, buckets=buckets,
+                            per_bound=0)
+        assert _same(fine, coarse)
+    assert (fine[3], fine[4]) == (ref["num_hard"], ref["num_viable"])
+
+
+def test_group_is_a_stable_counting_sort(monkeypatch):
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 50, size=1000)
+    expect_order = np.argsort(keys, kind="stable")
+    expect_starts = np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=53))])
+    values = rng.normal(size=1000).astype(np.float32)
+    results = [mining._NumpyOps.group(keys, 53, values)]
+    monkeypatch.setattr(mining, "_csr_tocsc", None)  # scipy's public API instead
+    results.append(mining._NumpyOps.group(keys, 53, values))
+    out, starts = mining._TorchOps.group(torch.from_numpy(keys), 53, torch.from_numpy(values))
+    results.append((out.numpy(), starts.numpy()))
+    for out, starts in results:
+        np.testing.assert_array_equal(out, values[expect_order])
+        np.testing.assert_array_equal(starts, expect_starts)
+    monkeypatch.undo()
+    empty = mining._NumpyOps.group(keys[:0], 5, values[:0])
+    assert empty[0].size == 0 and list(empty[1]) == [0] * 6
+
+
+def test_scipy_fallback_mines_the_same(monkeypatch):
+    emb, labels, studies, desc, _ = make_batch(2)
+    fast = _mine_with(mining._NumpyOps, emb, labels, studies, desc, "semihard", 0.5)
+    monkeypatch.setattr(mining, "_csr_tocsc", None)
+    assert _same(fast, _mine_with(mining._NumpyOps, emb, labels, studies, desc, "semihard", 0.5))
+
+
+def test_hardest_takes_the_lowest_index_among_equal_distances():
+    # Cells 2, 3 and 4 are the same point: equally close to anchor 0.
+    pts = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.0, 1.0]],
+                       dtype=torch.float64)
+    labels = torch.tensor([2, 2, 5, 7, 8, 6])
+    for ops in (mining._NumpyOps, mining._TorchOps):
+        a, p, n, _, _ = _mine_with(ops, pts, labels, None, HAND_DESC, "hardest", 1.0)
+        assert (a.tolist(), p.tolist(), n.tolist()) == ([0], [1], [2])
+
+
+def test_non_finite_embeddings_are_refused():
+    emb = torch.nn.functional.normalize(torch.randn(6, 3), dim=1)
+    labels = torch.tensor([3, 3, 5, 5, 7, 7])
+    for bad in (float("nan"), float("inf"), 1e30):
+        e = emb.clone()
+        e[2, 1] = bad
+        with pytest.raises(ValueError, match="finite"):
+            mine_triplets(e, labels, None, HAND_DESC, margin=0.1, selection="semihard")
+
+
+def test_losses_reexports_the_miner():
+    from scimtrain import losses
+
+    assert losses.mine_triplets is mining.mine_triplets
+    assert losses.squared_distances is mining.squared_distances
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

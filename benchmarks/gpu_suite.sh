@@ -13,10 +13,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 bin/make_synthetic.py /tmp/gpu-store --cells "$cells" --genes 28000 --overwrite \
     2>&1 | tail -n 1 | tee "$out/store.txt"
 python3 benchmarks/triplet_mining.py --devices cpu cuda --sizes 1000 2000 --labels 20 100 \
+    --reference-repeats 1 --threads 2 \
     2>&1 | tee "$out/mining.txt"
 python3 benchmarks/train_step.py --store /tmp/gpu-store --steps 40 --workers "$workers" \
     --device cuda 2>&1 | tee "$out/train_step_dense.txt"
 python3 benchmarks/train_step.py --store /tmp/gpu-store --steps 40 --workers "$workers" \
     --device cuda --sparse-batches 2>&1 | tee "$out/train_step_csr.txt"
 python3 benchmarks/loader_throughput.py --store /tmp/gpu-store --workers "$workers" \
-    --batches 40 2>&1 | tee "$out/loader.txt"
+    --batches 32 2>&1 | tee "$out/loader.txt"

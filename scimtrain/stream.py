@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, NamedTuple
 
@@ -40,6 +41,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scimtrain.prefetch import prefetch
 from scimtrain.sampling import Mode, SamplingPlan
 from scimtrain.store import CellArrStore
+
+
+# CSR batches are built and passed between processes many times a second; torch warns on each
+# that CSR support is beta and that invariant checks are off (they are valid by construction).
+for _message in ("Sparse CSR tensor support is in beta state",
+                 "Sparse invariant checks are implicitly disabled"):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
 
 class Batch(NamedTuple):

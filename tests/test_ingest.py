@@ -374,10 +374,12 @@ def test_find_sources(tmp_path):
 # --------------------------------------------------------------------------- training reads it
 
 
-def test_selection_with_the_default_filter_runs_on_a_built_store(tmp_path):
+def test_selection_and_training_on_a_built_store(tmp_path):
     """SPEC §2 with SCimilarity's defaults (filter, cancer exclusion, >= 2 studies) selects
-    exactly the cells the built metadata says it should, without any extra option."""
-    selection = pytest.importorskip("scimtrain.selection")
+    exactly the cells the built metadata says it should, without any extra option; then
+    bin/train.py trains on the store."""
+    from scimtrain import selection
+
     n = 150
     # ~600 of 650 genes expressed per cell, ~2,500 UMIs: cells pass n_genes_by_counts>500.
     genes_a = [f"G{i}" for i in range(640)] + ["MT-CO1", "MT-ND1"]
@@ -405,6 +407,18 @@ def test_selection_with_the_default_filter_runs_on_a_built_store(tmp_path):
     assert list(chosen.train.index) == list(meta.index[passing])
     assert set(chosen.train["study"]) == {"a", "b"} and chosen.n_labels == 3
     assert len(chosen.gene_order) == store.n_genes
+
+    train = Path(__file__).resolve().parents[1] / "bin" / "train.py"
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", str(train), "--tiledb", str(out), "-b", "32", "-n",
+         "3", "-e", "1", "--hidden_dim", "16", "--latent_dim", "4", "--num_workers", "0",
+         "--no_progress", "--model_folder", str(tmp_path / "models"), "--result_folder",
+         str(tmp_path / "results"), "--log_folder", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = tmp_path / "models" / "model_32_0.05_4_1_0.001_version_0"
+    assert (model / "encoder.ckpt").is_file()
+    assert (model / "gene_order.tsv").read_text().split() == list(store.gene_symbols)
 
 
 def test_script_runs_as_a_command(tmp_path):

@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
                  "n_batches": args.n_batches, "gene_order": args.gene_order or ""})
     trainer.fit()
     if accelerator.is_main_process:
-        _write_models(model_dir, trainer, selection, args, store_uri, run_dir)
+        _write_models(model_dir, trainer, selection, args, store, run_dir)
     if test is None:
         if accelerator.is_main_process:
             print("no validation cells: no validation and no test pass (pass --val_studies)")
@@ -346,12 +346,12 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
 
 
 def _write_models(model_dir: Path, trainer: Trainer, selection: Selection,
-                  args: argparse.Namespace, store_uri: str, run_dir: Path) -> None:
+                  args: argparse.Namespace, store: CellArrStore, run_dir: Path) -> None:
     """The model folder with the last weights, and ``best/`` with the best validated ones."""
     common = dict(gene_order=selection.gene_order, int2label=selection.int2label,
                   hyperparameters=hyperparameters(args),
                   metadata={"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "store": store_uri, "counts": CellArrStore(store_uri).counts_uri,
+                            "store": store.uri, "counts": store.counts_uri,
                             "scimtrain": __version__, "weights": "last epoch",
                             "label_ids": selection.label_ids, "run_dir": str(run_dir),
                             "command": sys.argv},

@@ -45,8 +45,11 @@ from scimtrain.store import CellArrStore
 
 # CSR batches are built and passed between processes many times a second; torch warns on each
 # that CSR support is beta and that invariant checks are off (they are valid by construction).
+# tiledb warns at every fork that a parent's context may deadlock a child: the stream's
+# workers never use the parent's context or handles (see store.py), which is what it warns of.
 for _message in ("Sparse CSR tensor support is in beta state",
-                 "Sparse invariant checks are implicitly disabled"):
+                 "Sparse invariant checks are implicitly disabled",
+                 "TileDB is a multithreading library and deadlocks are likely"):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
 

@@ -182,8 +182,7 @@ def write_model_folder(folder: str | os.PathLike, encoder: nn.Module, decoder: n
         torch.save({"state_dict": _cpu_state(decoder)}, tmp / "decoder.ckpt")
         (tmp / "layer_sizes.json").write_text(json.dumps(encoder_layer_sizes(encoder), indent=2))
         (tmp / "gene_order.tsv").write_text("".join(f"{g}\n" for g in gene_order))
-        pd.Series(dict(int2label), name="0").sort_index().to_csv(
-            tmp / "label_ints.csv", quoting=csv.QUOTE_NONNUMERIC)
+        write_label_ints(int2label, tmp / "label_ints.csv")
         (tmp / "hyperparameters.json").write_text(json.dumps(dict(hyperparameters), indent=2))
         (tmp / "metadata.json").write_text(json.dumps(dict(metadata), indent=2, default=str))
         if train_cells is not None:
@@ -192,6 +191,12 @@ def write_model_folder(folder: str | os.PathLike, encoder: nn.Module, decoder: n
             val_cells.to_csv(tmp / "val_cells.csv.gz")
 
     return write_atomically(folder, fill)
+
+
+def write_label_ints(int2label: Mapping[int, str], path: str | os.PathLike) -> None:
+    """SCimilarity's ``label_ints.csv``: the int → label-name Series, read back with
+    ``pd.read_csv(path, index_col=0)["0"]``."""
+    pd.Series(dict(int2label), name="0").sort_index().to_csv(path, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ account of how many cells each step kept.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import warnings
@@ -132,19 +131,6 @@ class Selection:
         if self.unknown_labels:
             lines.append(f"  labels unknown to the ontology (cells dropped): {self.unknown_labels}")
         return "\n".join(lines)
-
-    def save_cells(self, folder: str | os.PathLike) -> None:
-        """Write ``train_cells.csv.gz`` and ``val_cells.csv.gz`` into ``folder`` (SPEC §7)."""
-        self.train.to_csv(os.path.join(folder, "train_cells.csv.gz"))
-        self.val.to_csv(os.path.join(folder, "val_cells.csv.gz"))
-
-    def label_series(self) -> pd.Series:
-        """``int -> label name`` as SCimilarity's ``label_ints.csv`` holds it."""
-        return pd.Series(self.int2label, name="0").sort_index()
-
-    def save_label_ints(self, path: str | os.PathLike) -> None:
-        """Write ``label_ints.csv``, read back with ``read_csv(index_col=0)["0"]``."""
-        self.label_series().to_csv(path, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def select_cells(store: CellArrStore, config: SelectionConfig = SelectionConfig(),

@@ -15,6 +15,7 @@ without handles, so "spawn" workers work too.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Iterable, Mapping, Sequence
 
@@ -122,6 +123,14 @@ class CellArrStore:
         if self._counts is not None and self._pid == os.getpid():
             self._counts.close()
         self._counts = None
+
+    def with_config(self, config: Mapping[str, object]) -> CellArrStore:
+        """The same store with extra TileDB config entries (no re-validation, no I/O); the
+        copy makes its own context and handles."""
+        clone = copy.copy(self)
+        clone.__dict__.update(self.__getstate__())
+        clone.config = {**self.config, **{k: str(v) for k, v in config.items()}}
+        return clone
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

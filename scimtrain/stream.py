@@ -133,12 +133,7 @@ class CellStream(IterableDataset):
         super().__init__()
         if not isinstance(store, CellArrStore):
             store = CellArrStore(store)
-        tiledb_config = reader_config(config)
-        if tiledb_config:
-            store = CellArrStore(store.uri, {**store.config, **tiledb_config},
-                                 counts=store.counts_uri[len(store.uri):].lstrip("/"),
-                                 gene_column=store.gene_column)
-        self.store = store
+        self.store = store.with_config(reader_config(config))
         self.cells = cells
         self.config = config
         self.rank = rank

@@ -420,8 +420,8 @@ class Trainer:
                 f"checkpoint {path} was written by {shared['world_size']} processes; this run "
                 f"has {acc.num_processes}. Resume with the same number of processes or start "
                 "over with --resume none")
-        differ = {k: (v, self._signature().get(k)) for k, v in shared["signature"].items()
-                  if self._signature().get(k) != v}
+        now = self._signature()
+        differ = {k: (v, now.get(k)) for k, v in shared["signature"].items() if now.get(k) != v}
         if differ:
             raise CheckpointError(
                 f"checkpoint {path} belongs to a run with other settings "

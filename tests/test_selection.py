@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scimtrain.checkpoint import write_label_ints
 from scimtrain.ontology import CellOntology
 from scimtrain.selection import (
     MIN_GENE_ORDER_MATCH,
@@ -175,7 +176,7 @@ def test_step8_label_ints_sorted_and_stable_across_processes(tiny_store):
 
 def test_label_ints_file_round_trip(tmp_path):
     sel = select_cells(store_of(tmp_path, BASE))
-    sel.save_label_ints(tmp_path / "label_ints.csv")
+    write_label_ints(sel.int2label, tmp_path / "label_ints.csv")
     back = pd.read_csv(tmp_path / "label_ints.csv", index_col=0)["0"]
     assert back.to_dict() == sel.int2label
 

@@ -221,3 +221,15 @@ def test_read_rows_from_several_fragments(tmp_path):
     assert not store._csr_ordered(store.counts_array())
     assert got.has_sorted_indices
     np.testing.assert_array_equal(got.toarray(), expected[[29, 0, 13, 14, 15]])
+
+
+def test_with_config_copies_without_touching_the_original(small):
+    uri, counts = small
+    store = CellArrStore(uri)
+    store.read_rows([0])
+    tuned = store.with_config({"sm.compute_concurrency_level": 1})
+    assert tuned.config == {"sm.compute_concurrency_level": "1"} and store.config == {}
+    assert tuned._counts is None and tuned.counts_uri == store.counts_uri
+    np.testing.assert_array_equal(tuned.read_rows([3]).toarray(), counts[[3]].toarray())
+    assert tuned._context().config()["sm.compute_concurrency_level"] == "1"
+    assert store._context() is not tuned._context()

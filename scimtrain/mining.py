@@ -10,20 +10,21 @@ below it. A pair's hard candidates then fill the row's cells up to t's, its wind
 after (the float after) d's up to t's, so with the candidates lined up cell after cell both are
 one run, and a uniform pick inside it is one index. Steps:
 
-1. per block of anchor rows, the candidates below their row's largest boundary (the rest
-   are past every boundary: never hard, never picked), row after row;
+On the CPU, ``mining_cpu`` does it in compiled loops, one anchor row at a time. On other
+devices (CUDA) the same steps run as torch tensor operations, a block of anchor rows at a time:
+
+1. the candidates below their row's largest boundary (the rest are past every boundary: never
+   hard, never picked), row after row;
 2. exact cells without sorting: a monotone bucket key per row (``trunc(max(x, lo) * scale +
    offset)``, at least 256 buckets per row, 4 per boundary) indexes the boundaries counted
    per bucket (one counting sort of the boundaries); a value compares only with the few
    boundaries of its own bucket;
-3. one stable counting sort by cell lines the candidates up (on the CPU scipy's CSR → CSC
-   transpose, one pass; ``torch.sort`` elsewhere), and its counts give each cell's start;
+3. one stable sort by cell lines the candidates up, and its counts give each cell's start;
 4. per pair, the cells of its own boundaries give its hard count, its window and, with one
    uniform number, its negative; ``hardest`` takes each row's closest candidate.
 
-The same code runs on numpy arrays (CPU: numpy's kernels beat torch's on these small
-gathers and masks) and on torch tensors (any device, e.g. CUDA). The picks depend only on
-the generator's numbers: not on the backend, the block size or the bucket counts.
+Both line candidates up by (cell, column), so they pick the same negatives for the same
+generator numbers: the picks do not depend on the device, the block size or the bucket counts.
 """
 
 from __future__ import annotations
@@ -31,14 +32,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.sparse
 import torch
 
-try:  # scipy's CSR -> CSC transpose kernel (what ``csr_matrix.tocsc`` runs), without the
-    # Python-side checks and copies, which cost as much as the kernel for these sizes.
-    from scipy.sparse._sparsetools import csr_tocsc as _csr_tocsc
-except ImportError:  # pragma: no cover - private module moved
-    _csr_tocsc = None
+from . import mining_cpu
 
 __all__ = ["SELECTIONS", "mine_triplets", "squared_distances"]
 
@@ -117,137 +113,11 @@ def _uniform(n: int, generator: torch.Generator | None, device: torch.device) ->
     return u.to(device)
 
 
-# ----------------------------------------------------------------------------- backends
-
-
-class _NumpyOps:
-    """CPU arrays (zero-copy views of the CPU tensors)."""
-
-    i32, i64, f64 = np.int32, np.int64, np.float64
-    index = np.int32  # per-candidate keys and cells: half the memory traffic of int64
-    # Blocks of anchor rows small enough that their arrays stay in cache, and that freeing
-    # them does not hand memory back to the OS (glibc trims a freed heap top past a few MiB,
-    # and every call would then fault its pages in again).
-    chunk_elements = 1 << 18
-
-    @staticmethod
-    def cast(x, dtype):
-        return x.astype(dtype, copy=False)
-
-    @staticmethod
-    def arange(n, like=None):
-        return np.arange(n, dtype=np.int64)
-
-    @staticmethod
-    def cat(parts):
-        return np.concatenate(parts)
-
-    @staticmethod
-    def take(x, index):
-        return x.take(index)  # faster than x[index]
-
-    @staticmethod
-    def where(cond, x, y):
-        return np.where(cond, x, y)
-
-    @staticmethod
-    def minimum(x, y):
-        return np.minimum(x, y)
-
-    @staticmethod
-    def maximum_(x, y):
-        return np.maximum(x, y, out=x)
-
-    @staticmethod
-    def segment_sum(flags, starts):
-        """Per segment [starts[i], starts[i + 1]) (all non-empty), the number of True flags."""
-        return np.add.reduceat(flags, starts[:-1], dtype=np.int32)
-
-    @staticmethod
-    def eps(dtype):
-        return float(np.finfo(dtype).eps)
-
-    @staticmethod
-    def nonzero(mask):
-        return np.flatnonzero(mask)
-
-    @staticmethod
-    def repeat(values, counts):
-        return np.repeat(values, counts)
-
-    @staticmethod
-    def bincount(x, n):
-        return np.bincount(x, minlength=n)
-
-    @staticmethod
-    def offsets(counts):
-        out = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=out[1:])
-        return out
-
-    @staticmethod
-    def searchsorted(sorted_values, values):
-        return np.searchsorted(sorted_values, values)
-
-    @staticmethod
-    def argsort_stable(x):
-        return np.argsort(x, kind="stable")
-
-    @staticmethod
-    def nextafter(x, up: bool):
-        return np.nextafter(x, x.dtype.type(np.inf if up else -np.inf))
-
-    @staticmethod
-    def full(n, value, like):
-        return np.full(n, value, dtype=like.dtype)
-
-    @staticmethod
-    def isfinite(x):
-        return np.isfinite(x)
-
-    @staticmethod
-    def row_extreme(values, starts, counts, n_rows, fill, largest: bool):
-        """Per row, the max (min) of ``values`` grouped row after row; ``fill`` where empty."""
-        out = np.full(n_rows, fill, dtype=values.dtype)
-        rows = np.flatnonzero(counts)
-        if rows.size:
-            out[rows] = (np.maximum if largest else np.minimum).reduceat(values, starts[rows])
-        return out
-
-    @staticmethod
-    def group(keys, n_keys, values):
-        """Stable counting sort by int keys in [0, n_keys): ``values`` in key order, and
-        ``starts`` (``starts[k]`` = number of keys < k). The CSR -> CSC transpose of a
-        1 × n_keys matrix does exactly that in one cache-friendly pass (numpy's radix argsort
-        is several times slower)."""
-        n = keys.shape[0]
-        keys = keys.astype(np.int32, copy=False)
-        if n and not (0 <= int(keys.min()) and int(keys.max()) < n_keys):
-            # the raw kernel does not check (it would write out of bounds)
-            raise AssertionError("triplet miner: grouping key out of range (a bug)")
-        if _csr_tocsc is not None:
-            starts = np.empty(n_keys + 1, dtype=np.int32)
-            out = np.empty_like(values)
-            _csr_tocsc(1, n_keys, np.array([0, n], dtype=np.int32), keys, values, starts,
-                       np.empty(n, dtype=np.int32), out)
-            return out, starts
-        by_key = scipy.sparse.csr_matrix((values, keys, np.array([0, n], dtype=np.int32)),
-                                         shape=(1, n_keys)).tocsc()
-        return by_key.data, by_key.indptr
-
-    @staticmethod
-    def from_torch(t: torch.Tensor) -> np.ndarray:
-        return t.detach().cpu().numpy()
-
-    @staticmethod
-    def max_square_norm(x) -> float:
-        """Largest |row|² (NaN if any entry is NaN, inf on overflow)."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            return float((x * x).sum(1).max())
+# ----------------------------------------------------------------------------- torch path
 
 
 class _TorchOps:
-    """Torch tensors on any device (the path CUDA takes)."""
+    """The array operations of the torch path (``_mine``), on tensors of any device."""
 
     i32, i64, f64 = torch.int32, torch.int64, torch.float64
     index = torch.int64
@@ -346,9 +216,6 @@ class _TorchOps:
     def from_torch(t: torch.Tensor) -> torch.Tensor:
         return t.detach()
 
-    @staticmethod
-    def max_square_norm(x) -> float:
-        return float((x * x).sum(1).max())
 
 
 # ----------------------------------------------------------------------------- batch structure
@@ -547,9 +414,9 @@ def mine_triplets(
             cells' original labels, so ``compute_loss`` passes those here.
         dummy_triplet: when no pair gets a negative, return SCimilarity's single dummy
             triplet (0, 0, 0) (its loss equals the margin); False returns empty tensors.
-        chunk_elements: work on blocks of anchor rows of at most this many row × batch
-            elements (default: 2^18 on the CPU, 2^22 elsewhere); results do not depend on
-            it.
+        chunk_elements: off the CPU, work on blocks of anchor rows of at most this many
+            row × batch elements (default 2^22; the CPU goes one row at a time); results do
+            not depend on it.
 
     Returns:
         ``(anchor, positive, negative, num_hard, num_viable)``: three int64 index tensors on
@@ -576,23 +443,66 @@ def mine_triplets(
                 f"studies must be None or a 1-D tensor with one entry per embedding row ({n}), "
                 f"got shape {tuple(st.shape)}"
             )
-    ops = _NumpyOps if device.type == "cpu" else _TorchOps
-    return _mine(ops, embeddings, lab, neg_lab, st, desc, margin, selection, generator,
+    if device.type == "cpu":
+        return _mine_cpu(embeddings, lab, neg_lab, st, desc, margin, selection, generator,
+                         dummy_triplet=dummy_triplet)
+    return _mine(_TorchOps, embeddings, lab, neg_lab, st, desc, margin, selection, generator,
                  dummy_triplet=dummy_triplet, chunk_elements=chunk_elements)
+
+
+def _finish(a, p, neg, hard, viable, device, dummy_triplet: bool):
+    """The miner's return value: int64 index tensors on ``device``, ints; the dummy triplet
+    when no pair got a negative."""
+    a, p, neg = (torch.as_tensor(t, device=device).long() for t in (a, p, neg))
+    if a.numel() == 0 and dummy_triplet:
+        a = p = neg = torch.zeros(1, dtype=torch.long, device=device)
+    return a, p, neg, int(hard), int(viable)
+
+
+def _checked_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    """``squared_distances`` of the detached embeddings (half precision in float32), after
+    refusing non-finite or overflowing ones."""
+    emb = embeddings.detach()
+    if emb.dtype in (torch.float16, torch.bfloat16):
+        emb = emb.float()
+    if not float((emb * emb).sum(1).max()) <= torch.finfo(emb.dtype).max / 8:
+        raise ValueError(
+            "embeddings contain NaN/inf or values too large to square (has the model "
+            "diverged?): triplet mining needs finite distances")
+    return squared_distances(emb)
+
+
+def _mine_cpu(embeddings, lab, neg_lab, st, desc, margin, selection, generator, *,
+              dummy_triplet: bool, threads: int | None = None):
+    """``mine_triplets`` after validation, on the CPU (``mining_cpu``'s compiled kernels)."""
+    device = embeddings.device
+    pair_start, positive = mining_cpu.same_label_pairs(
+        lab.numpy(), None if st is None else st.numpy(), desc.shape[0])
+    n_pairs = positive.shape[0]
+    if n_pairs == 0:
+        return _finish(positive, positive, positive, 0, 0, device, dummy_triplet)
+    # One number per pair in (anchor, positive) order, drawn up front (as the torch path).
+    u = None if selection == "hardest" else _uniform(n_pairs, generator, device).numpy()
+    rows, table = mining_cpu.candidate_table(lab.numpy(), neg_lab.numpy(), desc.numpy())
+    num_viable = int(np.diff(pair_start) @ table.sum(1)[rows])
+    dist = _checked_distances(embeddings).numpy()
+    mode = {"semihard": mining_cpu.SEMIHARD, "random": mining_cpu.RANDOM,
+            "hardest": mining_cpu.HARDEST}[selection]
+    a, p, negative, num_hard = mining_cpu.mine_rows(dist, table, rows, pair_start, positive,
+                                                    margin, u, mode, threads)
+    return _finish(a, p, negative, num_hard, num_viable, device, dummy_triplet)
 
 
 def _mine(ops, embeddings, lab, neg_lab, st, desc, margin, selection, generator, *,
           dummy_triplet: bool, chunk_elements: int | None, buckets: int = _BUCKETS,
           per_bound: int = _BUCKETS_PER_BOUNDARY):
-    """``mine_triplets`` after validation, on the ``ops`` backend (tests run both on CPU)."""
+    """``mine_triplets`` after validation, as torch tensor operations on ``embeddings``'
+    device (what CUDA runs; the tests also run it on the CPU against ``_mine_cpu``)."""
     device = embeddings.device
     n = embeddings.shape[0]
 
     def finish(a, p, neg, hard, viable):
-        a, p, neg = (torch.as_tensor(t, device=device).long() for t in (a, p, neg))
-        if a.numel() == 0 and dummy_triplet:
-            a = p = neg = torch.zeros(1, dtype=torch.long, device=device)
-        return a, p, neg, int(hard), int(viable)
+        return _finish(a, p, neg, hard, viable, device, dummy_triplet)
 
     lab_x, neg_lab_x, desc_x = (ops.from_torch(t) for t in (lab, neg_lab, desc))
     st_x = None if st is None else ops.from_torch(st)
@@ -605,14 +515,7 @@ def _mine(ops, embeddings, lab, neg_lab, st, desc, margin, selection, generator,
     lab_x, table = _candidate_table(ops, lab_x, neg_lab_x, desc_x)
     num_viable = int((ops.bincount(lab_x[a], table.shape[0]) * table.sum(1)).sum())
 
-    emb = embeddings.detach()
-    if emb.dtype in (torch.float16, torch.bfloat16):
-        emb = emb.float()
-    if not ops.max_square_norm(ops.from_torch(emb)) <= torch.finfo(emb.dtype).max / 8:
-        raise ValueError(
-            "embeddings contain NaN/inf or values too large to square (has the model "
-            "diverged?): triplet mining needs finite distances")
-    dist = ops.from_torch(squared_distances(emb))
+    dist = ops.from_torch(_checked_distances(embeddings))
     d_ap = ops.take(dist, a * n + positive)
 
     # Each pair's boundaries: a candidate x is hard when x < thr, in the semihard window

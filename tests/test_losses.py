@@ -135,23 +135,21 @@ def test_pair_rules():
 def test_same_seed_same_triplets_and_chunking_does_not_matter():
     emb, labels, studies, desc, _ = make_batch(7, n=200)
     args = (torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(studies), desc)
-    runs = [
-        mine_triplets(*args, margin=0.5, selection="semihard",
-                      generator=torch.Generator().manual_seed(11), chunk_elements=ce)
-        for ce in (1 << 22, 1 << 22, 3000, 450)
-    ]
+    runs = [mine_triplets(*args, margin=0.5, selection="semihard",
+                          generator=torch.Generator().manual_seed(11)) for _ in range(2)]
+    runs += [_mine_with(mining._TorchOps, emb, labels, studies, desc, "semihard", 0.5, 11,
+                        dummy_triplet=True, chunk_elements=ce) for ce in (1 << 22, 3000, 450)]
     for other in runs[1:]:
-        for x, y in zip(runs[0], other):
-            assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+        assert _same(runs[0], other)
     different = mine_triplets(*args, margin=0.5, selection="semihard",
                               generator=torch.Generator().manual_seed(12))
     assert not torch.equal(runs[0][2], different[2])
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 600])
-def test_duplicate_cells_fill_buckets(chunk_elements):
+@pytest.mark.parametrize("backend", ["cpu", "torch", "torch-blocks"])
+def test_duplicate_cells_fill_buckets(backend):
     # Few distinct points: every distance is shared by many cells, so buckets are crowded,
-    # ties are everywhere and sub-blocks split at small chunk sizes.
+    # ties are everywhere and (torch path) sub-blocks split at small chunk sizes.
     rng = np.random.default_rng(5)
     points = rng.normal(size=(6, 4))
     points /= np.linalg.norm(points, axis=1, keepdims=True)
@@ -162,9 +160,14 @@ def test_duplicate_cells_fill_buckets(chunk_elements):
     dist = squared_distances(args[0]).numpy()  # the very values the miner compares
     for selection in ("hardest", "semihard", "random"):
         ref = reference_mine(emb, labels, studies, HAND_DESC, 0.3, selection, dist=dist)
-        a, p, n, hard, viable = mine_triplets(*args, margin=0.3, selection=selection,
-                                              generator=torch.Generator().manual_seed(0),
-                                              chunk_elements=chunk_elements, dummy_triplet=False)
+        if backend == "cpu":
+            a, p, n, hard, viable = mine_triplets(*args, margin=0.3, selection=selection,
+                                                  generator=torch.Generator().manual_seed(0),
+                                                  dummy_triplet=False)
+        else:
+            a, p, n, hard, viable = _mine_with(
+                mining._TorchOps, emb, labels, studies, HAND_DESC, selection, 0.3,
+                chunk_elements=600 if backend == "torch-blocks" else 1 << 22)
         assert (hard, viable) == (ref["num_hard"], ref["num_viable"])
         got = list(zip(a.tolist(), p.tolist(), n.tolist()))
         if selection == "hardest":
@@ -358,13 +361,18 @@ def test_compute_loss_metrics():
 
 
 def _mine_with(ops, emb, labels, studies, desc, selection, margin, seed=0, negative_labels=None,
-               **kwargs):
+               dummy_triplet=False, **kwargs):
+    """Mine on the CPU path (``ops="cpu"``, ``threads`` optional) or the torch path
+    (``mining._TorchOps``, which CUDA runs; ``chunk_elements``, ``buckets``, ``per_bound``)."""
     lab = torch.as_tensor(labels)
-    return mining._mine(
-        ops, torch.as_tensor(emb), lab, lab if negative_labels is None else
-        torch.as_tensor(negative_labels), None if studies is None else torch.as_tensor(studies),
-        torch.as_tensor(desc).bool(), margin, selection, torch.Generator().manual_seed(seed),
-        dummy_triplet=False, chunk_elements=kwargs.pop("chunk_elements", 1 << 22), **kwargs)
+    args = (torch.as_tensor(emb), lab, lab if negative_labels is None else
+            torch.as_tensor(negative_labels), None if studies is None else
+            torch.as_tensor(studies), torch.as_tensor(desc).bool(), margin, selection,
+            torch.Generator().manual_seed(seed))
+    if ops == "cpu":
+        return mining._mine_cpu(*args, dummy_triplet=dummy_triplet, **kwargs)
+    return mining._mine(ops, *args, dummy_triplet=dummy_triplet,
+                        chunk_elements=kwargs.pop("chunk_elements", 1 << 22), **kwargs)
 
 
 def _same(x, y):
@@ -374,63 +382,57 @@ def _same(x, y):
 @pytest.mark.parametrize("selection", ["semihard", "random", "hardest"])
 @pytest.mark.parametrize("seed", range(3))
 def test_backends_threads_and_blocks_agree(selection, seed):
-    # The torch backend is the code CUDA runs; on the CPU it must pick exactly what the numpy
-    # backend picks, and neither may depend on threads or block size.
+    # The torch path is the code CUDA runs; on the CPU it must pick exactly what the compiled
+    # CPU path picks, and neither may depend on threads or block size.
     emb, labels, studies, desc, parent = make_batch(seed, n=240, ontology="random", dim=4)
     for st in (studies, None):
-        base = _mine_with(mining._NumpyOps, emb, labels, st, desc, selection, 0.5, seed)
+        base = _mine_with("cpu", emb, labels, st, desc, selection, 0.5, seed, threads=1)
         assert base[0].numel() > 0
-        for ops, kw in [(mining._TorchOps, {}), (mining._TorchOps, {"chunk_elements": 2000}),
-                        (mining._NumpyOps, {"chunk_elements": 7000}),
-                        (mining._NumpyOps, {"chunk_elements": 500})]:
+        for ops, kw in [("cpu", {"threads": 2}), ("cpu", {"threads": 5}),
+                        (mining._TorchOps, {}), (mining._TorchOps, {"chunk_elements": 2000})]:
             assert _same(base, _mine_with(ops, emb, labels, st, desc, selection, 0.5, seed,
-                                          **kw)), (ops.__name__, kw)
+                                          **kw)), (ops, kw)
     perturbed = perturb_labels(torch.from_numpy(labels), parent, 0.5,
                                torch.Generator().manual_seed(seed)).numpy()
     runs = [_mine_with(ops, emb, perturbed, studies, desc, selection, 0.5, seed,
-                       negative_labels=labels) for ops in (mining._NumpyOps, mining._TorchOps)]
+                       negative_labels=labels) for ops in ("cpu", mining._TorchOps)]
     assert _same(*runs)
 
 
 @pytest.mark.parametrize("buckets", [3, 8])
 @pytest.mark.parametrize("selection", ["semihard", "random", "hardest"])
 def test_bucket_resolution_changes_nothing(buckets, selection):
-    # Few buckets per row: most values share a bucket with several boundaries, so every
-    # count comes from the exact comparisons; the picks must still be the very same.
+    # Few buckets per row (torch path): most values share a bucket with several boundaries,
+    # so every count comes from the exact comparisons; the picks must still be the same.
     emb, labels, studies, desc, _ = make_batch(8, n=200)
     ref = reference_mine(emb, labels, studies, desc, 0.5, selection)
-    fine = _mine_with(mining._NumpyOps, emb, labels, studies, desc, selection, 0.5)
-    for ops in (mining._NumpyOps, mining._TorchOps):
-        coarse = _mine_with(ops, emb, labels, studies, desc, selection, 0.5, buckets=buckets,
-                            per_bound=0)
-        assert _same(fine, coarse)
-    assert (fine[3], fine[4]) == (ref["num_hard"], ref["num_viable"])
+    cpu = _mine_with("cpu", emb, labels, studies, desc, selection, 0.5)
+    coarse = _mine_with(mining._TorchOps, emb, labels, studies, desc, selection, 0.5,
+                        buckets=buckets, per_bound=0)
+    assert _same(cpu, coarse)
+    assert (cpu[3], cpu[4]) == (ref["num_hard"], ref["num_viable"])
 
 
-def test_group_is_a_stable_counting_sort(monkeypatch):
+def test_group_is_a_stable_counting_sort():
     rng = np.random.default_rng(0)
     keys = rng.integers(0, 50, size=1000)
     expect_order = np.argsort(keys, kind="stable")
     expect_starts = np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=53))])
     values = rng.normal(size=1000).astype(np.float32)
-    results = [mining._NumpyOps.group(keys, 53, values)]
-    monkeypatch.setattr(mining, "_csr_tocsc", None)  # scipy's public API instead
-    results.append(mining._NumpyOps.group(keys, 53, values))
     out, starts = mining._TorchOps.group(torch.from_numpy(keys), 53, torch.from_numpy(values))
-    results.append((out.numpy(), starts.numpy()))
-    for out, starts in results:
-        np.testing.assert_array_equal(out, values[expect_order])
-        np.testing.assert_array_equal(starts, expect_starts)
-    monkeypatch.undo()
-    empty = mining._NumpyOps.group(keys[:0], 5, values[:0])
-    assert empty[0].size == 0 and list(empty[1]) == [0] * 6
+    np.testing.assert_array_equal(out.numpy(), values[expect_order])
+    np.testing.assert_array_equal(starts.numpy(), expect_starts)
 
 
-def test_scipy_fallback_mines_the_same(monkeypatch):
-    emb, labels, studies, desc, _ = make_batch(2)
-    fast = _mine_with(mining._NumpyOps, emb, labels, studies, desc, "semihard", 0.5)
-    monkeypatch.setattr(mining, "_csr_tocsc", None)
-    assert _same(fast, _mine_with(mining._NumpyOps, emb, labels, studies, desc, "semihard", 0.5))
+def test_cpu_row_blocks_cover_every_row_once():
+    from scimtrain import mining_cpu
+
+    pair_start = np.concatenate([[0], np.cumsum([50, 0, 0, 3, 400, 1, 0, 7] * 20)])
+    for blocks in (1, 2, 7, 16, 500):
+        got = mining_cpu._row_blocks(pair_start, blocks)
+        assert got[0][0] == 0 and got[-1][1] == 160 and len(got) <= blocks
+        assert all(r1 > r0 for r0, r1 in got)
+        assert all(got[i][1] == got[i + 1][0] for i in range(len(got) - 1))
 
 
 def test_hardest_takes_the_lowest_index_among_equal_distances():
@@ -438,7 +440,7 @@ def test_hardest_takes_the_lowest_index_among_equal_distances():
     pts = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.0, 1.0]],
                        dtype=torch.float64)
     labels = torch.tensor([2, 2, 5, 7, 8, 6])
-    for ops in (mining._NumpyOps, mining._TorchOps):
+    for ops in ("cpu", mining._TorchOps):
         a, p, n, _, _ = _mine_with(ops, pts, labels, None, HAND_DESC, "hardest", 1.0)
         assert (a.tolist(), p.tolist(), n.tolist()) == ([0], [1], [2])
 

@@ -1,7 +1,7 @@
 """The CPU triplet miner: compiled loops (numba), one pass per anchor row, rows over threads.
 
 ``mining.mine_triplets`` validates its inputs and computes the distances; on the CPU it hands
-numpy arrays to the three kernels here. The mathematics is that of ``mining.py``'s docstring
+numpy arrays to the functions here. The mathematics is that of ``mining.py``'s docstring
 and the picks are the same as its torch path's (what CUDA runs) for the same uniform numbers:
 
 * a pair (a, p), p after a in the batch with the same label (and, with studies, another
@@ -22,21 +22,20 @@ lines the candidates up. O(B) per row plus O(1) expected per candidate and per p
 pairs of a row) scratch memory per thread: no B×B×B tensor.
 
 Compiled on first use (a few seconds once; numba caches the machine code on disk, so a later
-process loads it in well under a second). The kernels release the GIL: rows are split over
-``torch.get_num_threads()`` Python threads.
+process loads it in under a second). Blocks of rows are shared among
+``torch.get_num_threads()`` threads of numba's OpenMP threading layer (why OpenMP: below).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import torch
 
-__all__ = ["SEMIHARD", "RANDOM", "HARDEST", "same_label_pairs", "candidate_table", "mine_rows"]
+__all__ = ["HARDEST", "RANDOM", "SEMIHARD", "candidate_table", "mine_rows", "same_label_pairs"]
 
 SEMIHARD, RANDOM, HARDEST = 0, 1, 2
 _PER_BOUND = 8  # buckets per boundary (speed only: fewer crowded buckets, larger tables)
@@ -45,230 +44,216 @@ _PER_BOUND = 8  # buckets per boundary (speed only: fewer crowded buckets, large
 _PAIR_COST = 12
 _BLOCKS_PER_THREAD = 8  # blocks of rows per thread: small enough to even out, large to amortise
 
-_kernels = None
-_lock = threading.Lock()
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool)
+if not ({"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ)):
+    # OpenMP first: with torch imported first, numba's OpenMP layer runs on torch's own
+    # OpenMP runtime, whose threads spin for milliseconds after every torch operation. There
+    # they take the miner's rows at once; with any other layer the miner's threads would share
+    # cores with those spinning threads and gain nothing.
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
-def _compile():
-    """Build the numba kernels (imported here: numba takes a moment to import)."""
-    import numba
+@_jit
+def _pairs_kernel(lab, studies, use_studies, n_labels):  # pragma: no cover - compiled
+    n = lab.shape[0]
+    group = np.zeros(n_labels + 1, np.int64)  # counting sort by label, stable
+    for i in range(n):
+        group[lab[i] + 1] += 1
+    for g in range(n_labels):
+        group[g + 1] += group[g]
+    cursor = group[:-1].copy()
+    order = np.empty(n, np.int64)
+    place = np.empty(n, np.int64)
+    for i in range(n):
+        place[i] = cursor[lab[i]]
+        order[place[i]] = i
+        cursor[lab[i]] += 1
+    pair_start = np.zeros(n + 1, np.int64)
+    for i in range(n):  # a cell's positives: the cells after it in its label's group
+        end = group[lab[i] + 1]
+        count = end - place[i] - 1
+        if use_studies:
+            count = 0
+            for s in range(place[i] + 1, end):
+                count += studies[order[s]] != studies[i]
+        pair_start[i + 1] = pair_start[i] + count
+    positive = np.empty(pair_start[n], np.int64)
+    for i in range(n):
+        j = pair_start[i]
+        for s in range(place[i] + 1, group[lab[i] + 1]):
+            q = order[s]
+            if not use_studies or studies[q] != studies[i]:
+                positive[j] = q
+                j += 1
+    return pair_start, positive
 
-    jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-
-    @jit
-    def pairs_kernel(lab, studies, use_studies, n_labels):  # pragma: no cover - compiled
-        n = lab.shape[0]
-        group = np.zeros(n_labels + 1, np.int64)  # counting sort by label, stable
+@_jit
+def _table_kernel(lab, neg_lab, descendant):  # pragma: no cover - compiled
+    n, n_labels = lab.shape[0], descendant.shape[0]
+    row_of = np.full(n_labels, -1, np.int64)
+    n_rows = 0
+    for i in range(n):
+        if row_of[lab[i]] < 0:
+            row_of[lab[i]] = n_rows
+            n_rows += 1
+    table = np.empty((n_rows, n), np.bool_)
+    for x in range(n_labels):
+        r = row_of[x]
+        if r < 0:
+            continue
         for i in range(n):
-            group[lab[i] + 1] += 1
-        for g in range(n_labels):
-            group[g + 1] += group[g]
-        cursor = group[:-1].copy()
-        order = np.empty(n, np.int64)
-        place = np.empty(n, np.int64)
-        for i in range(n):
-            place[i] = cursor[lab[i]]
-            order[place[i]] = i
-            cursor[lab[i]] += 1
-        pair_start = np.zeros(n + 1, np.int64)
-        for i in range(n):  # a cell's positives: the cells after it in its label's group
-            end = group[lab[i] + 1]
-            count = end - place[i] - 1
-            if use_studies:
-                count = 0
-                for s in range(place[i] + 1, end):
-                    count += studies[order[s]] != studies[i]
-            pair_start[i + 1] = pair_start[i] + count
-        positive = np.empty(pair_start[n], np.int64)
-        for i in range(n):
-            j = pair_start[i]
-            for s in range(place[i] + 1, group[lab[i] + 1]):
-                q = order[s]
-                if not use_studies or studies[q] != studies[i]:
-                    positive[j] = q
-                    j += 1
-        return pair_start, positive
+            y = neg_lab[i]
+            table[r, i] = lab[i] != x and not descendant[x, y] and not descendant[y, x]
+    rows = np.empty(n, np.int64)
+    for i in range(n):
+        rows[i] = row_of[lab[i]]
+    return rows, table
 
-    @jit
-    def table_kernel(lab, neg_lab, descendant):  # pragma: no cover - compiled
-        n, n_labels = lab.shape[0], descendant.shape[0]
-        row_of = np.full(n_labels, -1, np.int64)
-        n_rows = 0
-        for i in range(n):
-            if row_of[lab[i]] < 0:
-                row_of[lab[i]] = n_rows
-                n_rows += 1
-        table = np.empty((n_rows, n), np.bool_)
-        for x in range(n_labels):
-            r = row_of[x]
-            if r < 0:
-                continue
-            for i in range(n):
-                y = neg_lab[i]
-                table[r, i] = lab[i] != x and not descendant[x, y] and not descendant[y, x]
-        rows = np.empty(n, np.int64)
-        for i in range(n):
-            rows[i] = row_of[lab[i]]
-        return rows, table
-
-    @jit
-    def rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r1,
-                    negative, hard):  # pragma: no cover - compiled
-        n = dist.shape[1]
-        margin, inf = consts[0], consts[1]  # in dist's dtype: thr = d + margin rounds as torch's
-        semihard = mode == SEMIHARD
-        max_k = 0
-        for r in range(r0, r1):
-            max_k = max(max_k, pair_start[r + 1] - pair_start[r])
-        m_max = max_k * (2 if semihard else 1)
-        mask = np.empty(n, np.bool_)
-        cols = np.empty(n, np.int32)  # the row's candidates, in column order
-        xs = np.empty(n, dist.dtype)  # their values
-        keys = np.empty(n, np.int32)  # their buckets
-        cells = np.empty(n, np.int32)  # their cells
-        lined = np.empty(n, np.int32)  # their columns, lined up by (cell, column)
-        bval = np.empty(m_max, np.float64)  # the row's boundaries: thr's, then above_d's
-        bkey = np.empty(m_max, np.int32)  # their buckets
-        below = np.empty(m_max, np.int32)  # their own cells (boundaries strictly below)
-        bounds = np.empty(m_max + 1, np.float64)  # the boundaries, bucket after bucket
-        look = np.empty(_PER_BOUND * m_max + 3, np.int32)  # per bucket: 2 * first + crowded
-        cell_start = np.empty(m_max + 2, np.int32)
-        for r in range(r0, r1):
-            p0, p1 = pair_start[r], pair_start[r + 1]
-            k = p1 - p0
-            if k == 0:
-                continue
-            m = 2 * k if semihard else k
-            drow = dist[r]
-            for i in range(k):
-                d = drow[positive[p0 + i]]
-                bval[i] = d + margin
-                if semihard:
-                    bval[k + i] = np.nextafter(d, inf)
-            lo, hi = math.inf, -math.inf
-            for j in range(m):
-                lo, hi = min(lo, bval[j]), max(hi, bval[j])
-            # -- the boundaries counted into buckets and lined up bucket after bucket. A key
-            # is trunc((max(v, lo) - lo) * scale): the same steps for every value keep it
-            # monotone in the value, whatever the rounding.
-            nb = _PER_BOUND * m  # keys 0..nb (nb itself only by rounding)
-            scale = (nb - 1) / (hi - lo) if hi > lo else 0.0
-            look[:nb + 2] = 0
-            for j in range(m):
-                key = min(int((bval[j] - lo) * scale), nb)
-                bkey[j] = key
-                look[key + 1] += 1
-            for b in range(nb + 1):
-                look[b + 1] += look[b]
-            for j in range(m):
-                slot = look[bkey[j]]
-                bounds[slot] = bval[j]
-                look[bkey[j]] = slot + 1
-            bounds[m] = math.inf  # sentinel: an empty bucket compares with a higher one's
-            for b in range(nb + 1, 0, -1):  # first positions back, crowded flags in
-                first = look[b - 1]
-                look[b] = 2 * first + (look[b] - first > 1)
-            look[0] = look[0] > 1
-            for j in range(m):  # each boundary's own cell: the boundaries below it
-                f = look[bkey[j]]
-                count = f >> 1
-                if f & 1:
-                    for q in range(f >> 1, look[bkey[j] + 1] >> 1):
-                        count += bounds[q] < bval[j]
-                below[j] = count
-            # -- candidates: not excluded by the table, below the row's highest boundary
-            # (above it a value is never hard and never picked). The mask loop vectorises;
-            # the compaction after it stays a plain loop.
-            trow = table[rows[r]]
-            for col in range(n):
-                mask[col] = (drow[col] < hi) & trow[col]
-            c = 0
-            for col in range(n):
-                cols[c] = col
-                xs[c] = drow[col]
-                c += mask[col]
-            for i in range(c):  # (vectorised)
-                keys[i] = min(int((max(np.float64(xs[i]), lo) - lo) * scale), nb)
-            # -- cells: the bucket's first position, + 1 if its first boundary is <= x
-            # (an empty bucket's "first" lies in a higher bucket: never <= x), + the rest of
-            # a crowded bucket's boundaries that are <= x; counted per cell
-            cell_start[:m + 2] = 0
+@_jit
+def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r1,
+                negative, hard):  # pragma: no cover - compiled
+    n = dist.shape[1]
+    margin, inf = consts[0], consts[1]  # in dist's dtype: thr = d + margin rounds as torch's
+    semihard = mode == SEMIHARD
+    max_k = 0
+    for r in range(r0, r1):
+        max_k = max(max_k, pair_start[r + 1] - pair_start[r])
+    m_max = max_k * (2 if semihard else 1)
+    mask = np.empty(n, np.bool_)
+    cols = np.empty(n, np.int32)  # the row's candidates, in column order
+    xs = np.empty(n, dist.dtype)  # their values
+    keys = np.empty(n, np.int32)  # their buckets
+    cells = np.empty(n, np.int32)  # their cells
+    lined = np.empty(n, np.int32)  # their columns, lined up by (cell, column)
+    bval = np.empty(m_max, np.float64)  # the row's boundaries: thr's, then above_d's
+    bkey = np.empty(m_max, np.int32)  # their buckets
+    below = np.empty(m_max, np.int32)  # their own cells (boundaries strictly below)
+    bounds = np.empty(m_max + 1, np.float64)  # the boundaries, bucket after bucket
+    look = np.empty(_PER_BOUND * m_max + 3, np.int32)  # per bucket: 2 * first + crowded
+    cell_start = np.empty(m_max + 2, np.int32)
+    for r in range(r0, r1):
+        p0, p1 = pair_start[r], pair_start[r + 1]
+        k = p1 - p0
+        if k == 0:
+            continue
+        m = 2 * k if semihard else k
+        drow = dist[r]
+        for i in range(k):
+            d = drow[positive[p0 + i]]
+            bval[i] = d + margin
+            if semihard:
+                bval[k + i] = np.nextafter(d, inf)
+        lo, hi = math.inf, -math.inf
+        for j in range(m):
+            lo, hi = min(lo, bval[j]), max(hi, bval[j])
+        # -- the boundaries counted into buckets and lined up bucket after bucket. A key
+        # is trunc((max(v, lo) - lo) * scale): the same steps for every value keep it
+        # monotone in the value, whatever the rounding.
+        nb = _PER_BOUND * m  # keys 0..nb (nb itself only by rounding)
+        scale = (nb - 1) / (hi - lo) if hi > lo else 0.0
+        look[:nb + 2] = 0
+        for j in range(m):
+            key = min(int((bval[j] - lo) * scale), nb)
+            bkey[j] = key
+            look[key + 1] += 1
+        for b in range(nb + 1):
+            look[b + 1] += look[b]
+        for j in range(m):
+            slot = look[bkey[j]]
+            bounds[slot] = bval[j]
+            look[bkey[j]] = slot + 1
+        bounds[m] = math.inf  # sentinel: an empty bucket compares with a higher one's
+        for b in range(nb + 1, 0, -1):  # first positions back, crowded flags in
+            first = look[b - 1]
+            look[b] = 2 * first + (look[b] - first > 1)
+        look[0] = look[0] > 1
+        for j in range(m):  # each boundary's own cell: the boundaries below it
+            f = look[bkey[j]]
+            count = f >> 1
+            if f & 1:
+                for q in range(f >> 1, look[bkey[j] + 1] >> 1):
+                    count += bounds[q] < bval[j]
+            below[j] = count
+        # -- candidates: not excluded by the table, below the row's highest boundary
+        # (above it a value is never hard and never picked). The mask loop vectorises;
+        # the compaction after it stays a plain loop.
+        trow = table[rows[r]]
+        for col in range(n):
+            mask[col] = (drow[col] < hi) & trow[col]
+        c = 0
+        for col in range(n):
+            cols[c] = col
+            xs[c] = drow[col]
+            c += mask[col]
+        for i in range(c):  # (vectorised)
+            keys[i] = min(int((max(np.float64(xs[i]), lo) - lo) * scale), nb)
+        # -- cells: the bucket's first position, + 1 if its first boundary is <= x
+        # (an empty bucket's "first" lies in a higher bucket: never <= x), + the rest of
+        # a crowded bucket's boundaries that are <= x; counted per cell
+        cell_start[:m + 2] = 0
+        for i in range(c):
+            x = np.float64(xs[i])
+            f = look[keys[i]]
+            cell = f >> 1
+            cell += bounds[cell] <= x
+            if f & 1:
+                for q in range((f >> 1) + 1, look[keys[i] + 1] >> 1):
+                    cell += bounds[q] <= x
+            cells[i] = cell
+            cell_start[cell + 1] += 1
+        for b in range(m + 1):
+            cell_start[b + 1] += cell_start[b]
+        best, best_col = inf, 0
+        if mode == HARDEST:  # the closest candidate, the lowest column among ties
             for i in range(c):
-                x = np.float64(xs[i])
-                f = look[keys[i]]
-                cell = f >> 1
-                cell += bounds[cell] <= x
-                if f & 1:
-                    for q in range((f >> 1) + 1, look[keys[i] + 1] >> 1):
-                        cell += bounds[q] <= x
-                cells[i] = cell
-                cell_start[cell + 1] += 1
-            for b in range(m + 1):
-                cell_start[b + 1] += cell_start[b]
-            best, best_col = inf, 0
-            if mode == HARDEST:  # the closest candidate, the lowest column among ties
-                for i in range(c):
-                    if xs[i] < best:
-                        best, best_col = xs[i], cols[i]
-            else:  # line the candidates up by (cell, column): one stable counting sort
-                for i in range(c):
-                    slot = cell_start[cells[i]]
-                    lined[slot] = cols[i]
-                    cell_start[cells[i]] = slot + 1
-                for b in range(m + 1, 0, -1):
-                    cell_start[b] = cell_start[b - 1]
-                cell_start[0] = 0
-            # -- per pair: hard run [0, end) (cells up to thr's), window [start, end)
-            row_hard = 0
-            for i in range(k):
-                end = cell_start[below[i] + 1]
-                row_hard += end
-                if mode == HARDEST:
-                    negative[p0 + i] = best_col if best < bval[i] else -1
-                    continue
-                start = cell_start[below[k + i] + 1] if semihard else 0
-                size = end - start
-                negative[p0 + i] = (lined[start + min(int(u[p0 + i] * size), size - 1)]
-                                    if size > 0 else -1)
-            hard[r] = row_hard
+                if xs[i] < best:
+                    best, best_col = xs[i], cols[i]
+        else:  # line the candidates up by (cell, column): one stable counting sort
+            for i in range(c):
+                slot = cell_start[cells[i]]
+                lined[slot] = cols[i]
+                cell_start[cells[i]] = slot + 1
+            for b in range(m + 1, 0, -1):
+                cell_start[b] = cell_start[b - 1]
+            cell_start[0] = 0
+        # -- per pair: hard run [0, end) (cells up to thr's), window [start, end)
+        row_hard = 0
+        for i in range(k):
+            end = cell_start[below[i] + 1]
+            row_hard += end
+            if mode == HARDEST:
+                negative[p0 + i] = best_col if best < bval[i] else -1
+                continue
+            start = cell_start[below[k + i] + 1] if semihard else 0
+            size = end - start
+            negative[p0 + i] = (lined[start + min(int(u[p0 + i] * size), size - 1)]
+                                if size > 0 else -1)
+        hard[r] = row_hard
 
-    @jit
-    def triplets_kernel(pair_start, positive, negative):  # pragma: no cover - compiled
-        kept = 0
-        for i in range(negative.shape[0]):
-            kept += negative[i] >= 0
-        a = np.empty(kept, np.int64)
-        p = np.empty(kept, np.int64)
-        neg = np.empty(kept, np.int64)
-        j = 0
-        for r in range(pair_start.shape[0] - 1):
-            for i in range(pair_start[r], pair_start[r + 1]):
-                if negative[i] >= 0:
-                    a[j], p[j], neg[j] = r, positive[i], negative[i]
-                    j += 1
-        return a, p, neg
-
-    return pairs_kernel, table_kernel, rows_kernel, triplets_kernel
+@_jit
+def _triplets_kernel(pair_start, positive, negative):  # pragma: no cover - compiled
+    kept = 0
+    for i in range(negative.shape[0]):
+        kept += negative[i] >= 0
+    a = np.empty(kept, np.int64)
+    p = np.empty(kept, np.int64)
+    neg = np.empty(kept, np.int64)
+    j = 0
+    for r in range(pair_start.shape[0] - 1):
+        for i in range(pair_start[r], pair_start[r + 1]):
+            if negative[i] >= 0:
+                a[j], p[j], neg[j] = r, positive[i], negative[i]
+                j += 1
+    return a, p, neg
 
 
-def _get_kernels():
-    global _kernels
-    if _kernels is None:
-        with _lock:
-            if _kernels is None:
-                _kernels = _compile()
-    return _kernels
-
-
-def _get_pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per process (a forked child does not inherit the parent's threads)."""
-    global _pool
-    with _lock:
-        if _pool is None or _pool[:2] != (os.getpid(), threads):
-            _pool = (os.getpid(), threads,
-                     ThreadPoolExecutor(threads, thread_name_prefix="scimtrain-miner"))
-        return _pool[2]
+@numba.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
+def _rows_parallel(dist, table, rows, pair_start, positive, consts, u, mode, edges,
+                  negative, hard):  # pragma: no cover - compiled
+    for b in numba.prange(edges.shape[0] - 1):
+        _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, edges[b],
+                    edges[b + 1], negative, hard)
 
 
 def same_label_pairs(lab: np.ndarray, studies: np.ndarray | None, n_labels: int
@@ -284,10 +269,9 @@ def same_label_pairs(lab: np.ndarray, studies: np.ndarray | None, n_labels: int
         ``(pair_start, positive)``: B + 1 offsets (row a's pairs are
         ``pair_start[a]:pair_start[a + 1]``) and each pair's positive, int64.
     """
-    pairs_kernel = _get_kernels()[0]
     use_studies = studies is not None
     st = np.ascontiguousarray(studies, dtype=np.int64) if use_studies else np.zeros(0, np.int64)
-    return pairs_kernel(np.ascontiguousarray(lab, dtype=np.int64), st, use_studies, n_labels)
+    return _pairs_kernel(np.ascontiguousarray(lab, dtype=np.int64), st, use_studies, n_labels)
 
 
 def candidate_table(lab: np.ndarray, neg_lab: np.ndarray, descendant: np.ndarray
@@ -303,8 +287,7 @@ def candidate_table(lab: np.ndarray, neg_lab: np.ndarray, descendant: np.ndarray
         (L'×B bool over the L' labels present): ``[x, n]`` True when cell n's label is not x
         and its negative label is not a strict ontology ancestor or descendant of x.
     """
-    table_kernel = _get_kernels()[1]
-    return table_kernel(np.ascontiguousarray(lab, dtype=np.int64),
+    return _table_kernel(np.ascontiguousarray(lab, dtype=np.int64),
                         np.ascontiguousarray(neg_lab, dtype=np.int64),
                         np.ascontiguousarray(descendant, dtype=np.bool_))
 
@@ -327,7 +310,6 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
         ``(anchor, positive, negative, num_hard)``: int64 arrays over the pairs that got a
         negative, in (anchor, positive) order, and an int.
     """
-    _, _, rows_kernel, triplets_kernel = _get_kernels()
     n, n_pairs = dist.shape[0], positive.shape[0]
     dist = np.ascontiguousarray(dist)
     consts = np.array([margin, np.inf], dtype=dist.dtype)
@@ -335,45 +317,27 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
     negative = np.empty(n_pairs, np.int32)
     hard = np.zeros(n, np.int64)
     args = (dist, table, rows, pair_start, positive, consts, u, mode)
-    threads = max(1, min(threads or torch.get_num_threads(), n // 64))
+    threads = max(1, min(threads or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS,
+                         n // 64))
     if threads == 1:
-        rows_kernel(*args, 0, n, negative, hard)
+        _rows_kernel(*args, 0, n, negative, hard)
     else:
-        _share(lambda r0, r1: rows_kernel(*args, r0, r1, negative, hard),
-               _row_blocks(pair_start, _BLOCKS_PER_THREAD * threads), threads)
-    a, p, neg = triplets_kernel(pair_start, positive, negative)
+        edges = _row_blocks(pair_start, _BLOCKS_PER_THREAD * threads)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            with numba.parallel_chunksize(1):  # a thread takes the next block when done
+                _rows_parallel(*args, edges, negative, hard)
+        finally:
+            numba.set_num_threads(previous)
+    a, p, neg = _triplets_kernel(pair_start, positive, negative)
     return a, p, neg, int(hard.sum())
 
 
-def _row_blocks(pair_start: np.ndarray, blocks: int) -> list[tuple[int, int]]:
-    """Consecutive row ranges of about equal estimated work (a row: a scan of B values,
-    plus its pairs)."""
+def _row_blocks(pair_start: np.ndarray, blocks: int) -> np.ndarray:
+    """Edges of consecutive row ranges of about equal estimated work (a row: a scan of B
+    values, plus its pairs): ``edges[b]:edges[b + 1]`` is block b, no block empty."""
     n = pair_start.shape[0] - 1
     cost = np.arange(n + 1, dtype=np.int64) * n + _PAIR_COST * pair_start
     cuts = np.searchsorted(cost, np.arange(1, blocks) * (cost[-1] / blocks))
-    edges = np.unique(np.concatenate([[0], cuts, [n]]))
-    return [(int(r0), int(r1)) for r0, r1 in zip(edges[:-1], edges[1:])]
-
-
-def _share(work, blocks: list[tuple[int, int]], threads: int) -> None:
-    """Run ``work(r0, r1)`` for every block on this thread and ``threads - 1`` pool threads,
-    each taking the next block when done with its last: a thread slowed down (e.g. sharing
-    its core with torch's OpenMP threads, which keep spinning for milliseconds after each
-    parallel operation) simply takes fewer blocks."""
-    queue = iter(blocks)
-    lock = threading.Lock()
-
-    def loop() -> None:
-        while True:
-            with lock:
-                block = next(queue, None)
-            if block is None:
-                return
-            work(*block)
-
-    jobs = [_get_pool(threads - 1).submit(loop) for _ in range(threads - 1)]
-    try:
-        loop()
-    finally:
-        for job in jobs:
-            job.result()
+    return np.unique(np.concatenate([[0], cuts, [n]])).astype(np.int64)

@@ -424,6 +424,19 @@ def test_group_is_a_stable_counting_sort():
     np.testing.assert_array_equal(starts.numpy(), expect_starts)
 
 
+def test_margin_below_the_distances_rounding_step():
+    # d + margin rounds to d in float32: every semihard window (d, d + margin) is empty, and
+    # the paths must say so rather than read a negative-sized run.
+    emb, labels, studies, desc, _ = make_batch(3, n=150)
+    emb = (emb * 3.0).astype(np.float32)
+    for selection in ("semihard", "random", "hardest"):
+        cpu = _mine_with("cpu", emb, labels, studies, desc, selection, 1e-9)
+        assert _same(cpu, _mine_with(mining._TorchOps, emb, labels, studies, desc, selection,
+                                     1e-9))
+        if selection == "semihard":
+            assert cpu[0].numel() == 0
+
+
 def test_cpu_row_blocks_cover_every_row_once():
     from scimtrain import mining_cpu
 

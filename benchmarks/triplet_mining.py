@@ -7,7 +7,7 @@ the speed-up, the number of anchor-positive pairs, and the vectorised miner's pe
 ``torch.cuda.max_memory_allocated``).
 
     python benchmarks/triplet_mining.py                 # CPU (and CUDA when present)
-    python benchmarks/triplet_mining.py --sizes 1000 --labels 20 --repeats 20
+    python benchmarks/triplet_mining.py --sizes 1000 --labels 20 --skews 0
 
 The reference is ``tests/reference_impl.py``'s ``reference_mine``: SCimilarity's
 ``TripletSelector`` loop (labels → pairs → numpy over one pair's candidates) with the ontology
@@ -54,7 +54,12 @@ def make_batch(n_cells: int, n_labels: int, n_studies: int, dim: int, noise: flo
     return emb.astype(np.float32), labels, studies, desc
 
 
-def time_vectorised(emb, labels, studies, desc, args, device: str) -> tuple[float, int]:
+def time_both(emb, labels, studies, desc, args, device: str, reference: bool
+              ) -> tuple[float, int, float | None, int | None]:
+    """Median ms of the vectorised miner (``--repeats`` calls) and, if ``reference``, of the
+    loop reference (``--reference-repeats`` runs), interleaved: the vectorised calls run in
+    rounds between the reference runs, so that both see the same machine (a shared VM's speed
+    drifts over seconds). Returns (vectorised ms, its num_hard, reference ms, its num_hard)."""
     e = torch.from_numpy(emb).to(device)
     lab = torch.from_numpy(labels).to(device)
     st = torch.from_numpy(studies).to(device)
@@ -70,12 +75,21 @@ def time_vectorised(emb, labels, studies, desc, args, device: str) -> tuple[floa
 
     for _ in range(args.warmup):
         run()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, out[3]
+    rounds = args.reference_repeats if reference else 1
+    times, ref_times, ref_hard = [], [], None
+    for r in range(rounds):
+        if reference:
+            t0 = time.perf_counter()
+            ref = reference_mine(emb, labels, studies, desc, args.margin, args.selection,
+                                 rng=np.random.default_rng(args.seed), keep_windows=False)
+            ref_times.append(time.perf_counter() - t0)
+            ref_hard = ref["num_hard"]
+        for _ in range(args.repeats * (r + 1) // rounds - args.repeats * r // rounds):
+            t0 = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - t0)
+    return (statistics.median(times) * 1e3, out[3],
+            statistics.median(ref_times) * 1e3 if reference else None, ref_hard)
 
 
 def size_warmup(n_cells: int, n_labels: int, args, device: str) -> None:
@@ -91,17 +105,6 @@ def size_warmup(n_cells: int, n_labels: int, args, device: str) -> None:
                                             args.noise, 0.0, args.seed)
     mine_triplets(*(torch.from_numpy(x).to(device) for x in (emb, labels, studies, desc)),
                   margin=args.margin, selection=args.selection)
-
-
-def time_reference(emb, labels, studies, desc, args) -> tuple[float, int]:
-    times, hard = [], 0
-    for _ in range(args.reference_repeats):
-        t0 = time.perf_counter()
-        out = reference_mine(emb, labels, studies, desc, args.margin, args.selection,
-                             rng=np.random.default_rng(args.seed), keep_windows=False)
-        times.append(time.perf_counter() - t0)
-        hard = out["num_hard"]
-    return statistics.median(times) * 1e3, hard
 
 
 def _proc_status_kib(field: str) -> int:
@@ -170,9 +173,10 @@ def main() -> None:
     p.add_argument("--skews", type=float, nargs="+", default=[0.0, 1.0],
                    help="label frequency ∝ 1/rank**skew: 0 = uniform (fewest pairs), 1 = "
                         "Zipf-like, as batches drawn from a real atlas")
-    p.add_argument("--repeats", type=int, default=10, help="timed vectorised runs (median)")
+    p.add_argument("--repeats", type=int, default=30, help="timed vectorised calls (median)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reference-repeats", type=int, default=1)
+    p.add_argument("--reference-repeats", type=int, default=3,
+                   help="timed reference runs (median), with the vectorised calls between them")
     p.add_argument("--skip-reference-above", type=int, default=None, metavar="B",
                    help="do not run the loop reference for batches larger than B")
     p.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
@@ -211,11 +215,13 @@ def main() -> None:
             emb, labels, studies, desc = make_batch(n_cells, n_labels, args.studies,
                                                     args.dim, args.noise, skew, args.seed)
             pairs = sum(int(c) * (int(c) - 1) // 2 for c in np.bincount(labels))
-            vec_ms, vec_hard = time_vectorised(emb, labels, studies, desc, args, device)
             key = (skew, n_cells, n_labels)
-            if key not in reference_ms and (args.skip_reference_above is None
-                                            or n_cells <= args.skip_reference_above):
-                reference_ms[key], ref_hard = time_reference(emb, labels, studies, desc, args)
+            with_reference = key not in reference_ms and (
+                args.skip_reference_above is None or n_cells <= args.skip_reference_above)
+            vec_ms, vec_hard, ref_ms, ref_hard = time_both(emb, labels, studies, desc, args,
+                                                           device, with_reference)
+            if with_reference:
+                reference_ms[key] = ref_ms
                 # float32 vs float64 distances may flip a near-tie; flag real disagreement
                 if abs(ref_hard - vec_hard) > 1e-4 * max(ref_hard, 1):
                     print(f"WARNING: num_hard differs: reference {ref_hard}, "
@@ -228,8 +234,9 @@ def main() -> None:
                   f"{'skipped' if ref is None else f'{ref:.0f}'} | {vec_ms:.2f} | "
                   f"{'' if ref is None else f'{ref / vec_ms:.0f}x'} | {mem} |", flush=True)
     print()
-    print("pairs: same-label pairs before the cross-study rule. Reference: one run per batch, "
-          "always on the CPU; vectorised: median of --repeats runs.")
+    print("pairs: same-label pairs before the cross-study rule. Reference: median of "
+          "--reference-repeats runs, always on the CPU (on the first device's pass); "
+          "vectorised: median of --repeats calls, in rounds between the reference runs.")
 
 
 if __name__ == "__main__":

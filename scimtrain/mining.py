@@ -55,7 +55,11 @@ def squared_distances(embeddings: torch.Tensor) -> torch.Tensor:
 
     Not clamped at 0, so values match SCimilarity's ``pdist`` to rounding.
     """
-    sq = (embeddings * embeddings).sum(dim=1)
+    return _distances(embeddings, (embeddings * embeddings).sum(dim=1))
+
+
+def _distances(embeddings: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """``squared_distances`` given the squared norms ``sq``."""
     return torch.addmm(sq[None, :], embeddings, embeddings.T, alpha=-2.0).add_(sq[:, None])
 
 
@@ -465,11 +469,12 @@ def _checked_distances(embeddings: torch.Tensor) -> torch.Tensor:
     emb = embeddings.detach()
     if emb.dtype in (torch.float16, torch.bfloat16):
         emb = emb.float()
-    if not float((emb * emb).sum(1).max()) <= torch.finfo(emb.dtype).max / 8:
+    sq = (emb * emb).sum(dim=1)
+    if not float(sq.max()) <= torch.finfo(emb.dtype).max / 8:
         raise ValueError(
             "embeddings contain NaN/inf or values too large to square (has the model "
             "diverged?): triplet mining needs finite distances")
-    return squared_distances(emb)
+    return _distances(emb, sq)
 
 
 def _mine_cpu(embeddings, lab, neg_lab, st, desc, margin, selection, generator, *,

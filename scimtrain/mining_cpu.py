@@ -34,6 +34,7 @@ import os
 import numba
 import numpy as np
 import torch
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 __all__ = ["HARDEST", "RANDOM", "SEMIHARD", "candidate_table", "mine_rows", "same_label_pairs"]
 
@@ -122,7 +123,8 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r
     m_max = max_k * (2 if semihard else 1)
     # Index arrays are unsigned: numba then leaves out its negative-index wraparound code,
     # which otherwise costs a sixth of the time.
-    mask = np.empty(n, np.bool_)
+    n_words = (n + 63) // 64
+    words = np.empty(n_words, np.uint64)  # the row's candidates as bits
     cols = np.empty(n, np.uint32)  # the row's candidates, in column order
     xs = np.empty(n, dist.dtype)  # their values
     keys = np.empty(n, np.uint32)  # their buckets
@@ -178,16 +180,25 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r
                     count += bounds[q] < bval[j]
             below[j] = count
         # -- candidates: not excluded by the table, below the row's highest boundary
-        # (above it a value is never hard and never picked). The mask loop vectorises;
-        # the compaction after it stays a plain loop.
+        # (above it a value is never hard and never picked): a bit per column, then the set
+        # bits' columns (cheaper than a compaction loop over every column)
         trow = table[rows[r]]
-        for col in range(n):
-            mask[col] = (drow[col] < hi) & trow[col]
+        for w in range(n_words):  # candidate bits, 64 columns a word (vectorised)
+            b0 = w * 64
+            word = np.uint64(0)
+            for j in range(min(64, n - b0)):
+                word |= np.uint64((drow[b0 + j] < hi) & trow[b0 + j]) << np.uint64(j)
+            words[w] = word
         c = np.uint64(0)
-        for col in range(n):
-            cols[c] = col
-            xs[c] = drow[col]
-            c += np.uint64(mask[col])
+        for w in range(n_words):  # the set bits' columns, in column order
+            word = words[w]
+            b0 = np.uint64(w * 64)
+            while word:
+                col = b0 + trailing_zeros(word)
+                cols[c] = col
+                xs[c] = drow[col]
+                c += np.uint64(1)
+                word &= word - np.uint64(1)
         for i in range(c):  # (vectorised)
             keys[i] = min(int((max(np.float64(xs[i]), lo) - lo) * scale), nb)
         # -- cells: the bucket's first position, + 1 if its first boundary is <= x
@@ -229,7 +240,7 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r
                 continue
             start = cell_start[below[k + i] + 1] if semihard else 0
             size = np.int64(end) - np.int64(start)  # < 0 when d + margin rounds to d
-            negative[p0 + i] = (lined[start + min(int(u[p0 + i] * size), size - 1)]
+            negative[p0 + i] = (lined[start + min(int(np.float64(u[p0 + i]) * size), size - 1)]
                                 if size > 0 else -1)
         hard[r] = row_hard
 
@@ -304,7 +315,7 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
         table, rows: from ``candidate_table``; ``pair_start``, ``positive``: from
             ``same_label_pairs``.
         margin: added to D[a, p] in ``dist``'s dtype.
-        u: one uniform number in [0, 1) per pair (``SEMIHARD``, ``RANDOM``), float64.
+        u: one uniform number in [0, 1) per pair (``SEMIHARD``, ``RANDOM``), float32.
         mode: ``SEMIHARD``, ``RANDOM`` or ``HARDEST``.
         threads: threads to share the rows (default ``torch.get_num_threads()``).
 
@@ -315,7 +326,7 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
     n, n_pairs = dist.shape[0], positive.shape[0]
     dist = np.ascontiguousarray(dist)
     consts = np.array([margin, np.inf], dtype=dist.dtype)
-    u = np.zeros(0) if u is None else np.ascontiguousarray(u, dtype=np.float64)
+    u = np.zeros(0, np.float32) if u is None else np.ascontiguousarray(u)
     negative = np.empty(n_pairs, np.int32)
     hard = np.zeros(n, np.int64)
     args = (dist, table, rows, pair_start, positive, consts, u, mode)

@@ -491,12 +491,11 @@ def _mine_cpu(embeddings, lab, neg_lab, st, desc, margin, selection, generator, 
     # One number per pair in (anchor, positive) order, drawn up front (as the torch path).
     u = None if selection == "hardest" else _uniform(n_pairs, generator, device).numpy()
     rows, table = mining_cpu.candidate_table(lab.numpy(), neg_lab.numpy(), desc.numpy())
-    num_viable = int(np.diff(pair_start) @ table.sum(1)[rows])
     dist = _checked_distances(embeddings).numpy()
     mode = {"semihard": mining_cpu.SEMIHARD, "random": mining_cpu.RANDOM,
             "hardest": mining_cpu.HARDEST}[selection]
-    a, p, negative, num_hard = mining_cpu.mine_rows(dist, table, rows, pair_start, positive,
-                                                    margin, u, mode, threads)
+    a, p, negative, num_hard, num_viable = mining_cpu.mine_rows(
+        dist, table, rows, pair_start, positive, margin, u, mode, threads)
     return _finish(a, p, negative, num_hard, num_viable, device, dummy_triplet)
 
 

@@ -183,6 +183,9 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r
         # (above it a value is never hard and never picked): a bit per column, then the set
         # bits' columns (cheaper than a compaction loop over every column)
         trow = table[rows[r]]
+        allowed = 0
+        for col in range(n):  # (vectorised)
+            allowed += trow[col]
         for w in range(n_words):  # candidate bits, 64 columns a word (vectorised)
             b0 = w * 64
             word = np.uint64(0)
@@ -242,7 +245,8 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r
             size = np.int64(end) - np.int64(start)  # < 0 when d + margin rounds to d
             negative[p0 + i] = (lined[start + min(int(np.float64(u[p0 + i]) * size), size - 1)]
                                 if size > 0 else -1)
-        hard[r] = row_hard
+        hard[r, 0] = row_hard
+        hard[r, 1] = k * allowed  # viable (pair, candidate)
 
 @_jit
 def _triplets_kernel(pair_start, positive, negative):  # pragma: no cover - compiled
@@ -307,8 +311,9 @@ def candidate_table(lab: np.ndarray, neg_lab: np.ndarray, descendant: np.ndarray
 
 def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start: np.ndarray,
               positive: np.ndarray, margin: float, u: np.ndarray | None, mode: int,
-              threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Each pair's negative and the number of hard (pair, candidate).
+              threads: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Each pair's negative, and the numbers of hard and of viable (pair, candidate).
 
     Args:
         dist: B×B squared distances (float32 or float64).
@@ -320,15 +325,15 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
         threads: threads to share the rows (default ``torch.get_num_threads()``).
 
     Returns:
-        ``(anchor, positive, negative, num_hard)``: int64 arrays over the pairs that got a
-        negative, in (anchor, positive) order, and an int.
+        ``(anchor, positive, negative, num_hard, num_viable)``: int64 arrays over the pairs
+        that got a negative, in (anchor, positive) order, and two ints.
     """
     n, n_pairs = dist.shape[0], positive.shape[0]
     dist = np.ascontiguousarray(dist)
     consts = np.array([margin, np.inf], dtype=dist.dtype)
     u = np.zeros(0, np.float32) if u is None else np.ascontiguousarray(u)
     negative = np.empty(n_pairs, np.int32)
-    hard = np.zeros(n, np.int64)
+    hard = np.zeros((n, 2), np.int64)  # per row: hard and viable (pair, candidate)
     args = (dist, table, rows, pair_start, positive, consts, u, mode)
     threads = max(1, min(threads or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS,
                          n // 64))
@@ -344,7 +349,8 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
         finally:
             numba.set_num_threads(previous)
     a, p, neg = _triplets_kernel(pair_start, positive, negative)
-    return a, p, neg, int(hard.sum())
+    num_hard, num_viable = hard.sum(0).tolist()
+    return a, p, neg, num_hard, num_viable
 
 
 def _row_blocks(pair_start: np.ndarray, blocks: int) -> np.ndarray:

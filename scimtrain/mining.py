@@ -34,8 +34,6 @@ import math
 import numpy as np
 import torch
 
-from . import mining_cpu
-
 __all__ = ["SELECTIONS", "mine_triplets", "squared_distances"]
 
 SELECTIONS = ("semihard", "hardest", "random")
@@ -482,6 +480,8 @@ def _checked_distances(embeddings: torch.Tensor) -> torch.Tensor:
 def _mine_cpu(embeddings, lab, neg_lab, st, desc, margin, selection, generator, *,
               dummy_triplet: bool, threads: int | None = None):
     """``mine_triplets`` after validation, on the CPU (``mining_cpu``'s compiled kernels)."""
+    from . import mining_cpu  # imported on first use: GPU runs never load numba
+
     device = embeddings.device
     pair_start, positive = mining_cpu.same_label_pairs(
         lab.numpy(), None if st is None else st.numpy(), desc.shape[0])

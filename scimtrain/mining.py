@@ -8,7 +8,7 @@ hard when x < t and in the semihard window when also x > d. Those pair threshold
 row's *boundaries*; a candidate's *cell* is its row's offset plus the number of boundaries
 below it. A pair's hard candidates then fill the row's cells up to t's, its window the cells
 after (the float after) d's up to t's, so with the candidates lined up cell after cell both are
-one run, and a uniform pick inside it is one index. Steps:
+one run, and a uniform pick inside it is one index.
 
 On the CPU, ``mining_cpu`` does it in compiled loops, one anchor row at a time. On other
 devices (CUDA) the same steps run as torch tensor operations, a block of anchor rows at a time:
@@ -23,8 +23,9 @@ devices (CUDA) the same steps run as torch tensor operations, a block of anchor 
 4. per pair, the cells of its own boundaries give its hard count, its window and, with one
    uniform number, its negative; ``hardest`` takes each row's closest candidate.
 
-Both line candidates up by (cell, column), so they pick the same negatives for the same
-generator numbers: the picks do not depend on the device, the block size or the bucket counts.
+Both line candidates up by (cell, column), so given the same distances they pick the same
+negatives for the same generator numbers: the picks do not depend on the path, the threads, the
+block size or the bucket counts.
 """
 
 from __future__ import annotations

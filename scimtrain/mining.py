@@ -86,11 +86,13 @@ def _label_tensor(labels: torch.Tensor | np.ndarray, name: str, n: int, n_labels
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must hold integer label positions, got dtype {t.dtype}")
     t = t.long()
-    if n and (int(t.min()) < 0 or int(t.max()) >= n_labels):
-        raise ValueError(
-            f"{name} must be positions into the {n_labels}×{n_labels} descendant/parent matrix "
-            f"(0..{n_labels - 1}), got values in [{int(t.min())}, {int(t.max())}]"
-        )
+    if n:
+        low, high = (int(v) for v in torch.aminmax(t))
+        if low < 0 or high >= n_labels:
+            raise ValueError(
+                f"{name} must be positions into the {n_labels}×{n_labels} descendant/parent "
+                f"matrix (0..{n_labels - 1}), got values in [{low}, {high}]"
+            )
     return t
 
 
@@ -458,7 +460,7 @@ def mine_triplets(
 def _finish(a, p, neg, hard, viable, device, dummy_triplet: bool):
     """The miner's return value: int64 index tensors on ``device``, ints; the dummy triplet
     when no pair got a negative."""
-    a, p, neg = (torch.as_tensor(t, device=device).long() for t in (a, p, neg))
+    a, p, neg = (torch.as_tensor(t, dtype=torch.long, device=device) for t in (a, p, neg))
     if a.numel() == 0 and dummy_triplet:
         a = p = neg = torch.zeros(1, dtype=torch.long, device=device)
     return a, p, neg, int(hard), int(viable)

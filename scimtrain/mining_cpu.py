@@ -71,22 +71,25 @@ def _pairs_kernel(lab, studies, use_studies, n_labels):  # pragma: no cover - co
         order[place[i]] = i
         cursor[lab[i]] += 1
     pair_start = np.zeros(n + 1, np.int64)
+    if use_studies:
+        sorted_studies = np.empty(n, studies.dtype)  # in group order: contiguous reads below
+        for s in range(n):
+            sorted_studies[s] = studies[order[s]]
     for i in range(n):  # a cell's positives: the cells after it in its label's group
         end = group[lab[i] + 1]
         count = end - place[i] - 1
         if use_studies:
             count = 0
-            for s in range(place[i] + 1, end):
-                count += studies[order[s]] != studies[i]
+            for s in range(place[i] + 1, end):  # (vectorised)
+                count += sorted_studies[s] != studies[i]
         pair_start[i + 1] = pair_start[i] + count
-    positive = np.empty(pair_start[n], np.int64)
+    positive = np.empty(pair_start[n] + 1, np.int64)  # (+ 1: the branch-free writes below)
     for i in range(n):
         j = pair_start[i]
         for s in range(place[i] + 1, group[lab[i] + 1]):
-            q = order[s]
-            if not use_studies or studies[q] != studies[i]:
-                positive[j] = q
-                j += 1
+            positive[j] = order[s]
+            j += not use_studies or sorted_studies[s] != studies[i]
+    positive = positive[:pair_start[n]]
     return pair_start, positive
 
 @_jit

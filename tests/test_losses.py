@@ -384,7 +384,7 @@ def _same(x, y):
 def test_backends_threads_and_blocks_agree(selection, seed):
     # The torch path is the code CUDA runs; on the CPU it must pick exactly what the compiled
     # CPU path picks, and neither may depend on threads or block size.
-    emb, labels, studies, desc, parent = make_batch(seed, n=240, ontology="random", dim=4)
+    emb, labels, studies, desc, parent = make_batch(seed, n=300, ontology="random", dim=4)
     for st in (studies, None):
         base = _mine_with("cpu", emb, labels, st, desc, selection, 0.5, seed, threads=1)
         assert base[0].numel() > 0
@@ -435,6 +435,16 @@ def test_margin_below_the_distances_rounding_step():
                                      1e-9))
         if selection == "semihard":
             assert cpu[0].numel() == 0
+
+
+@pytest.mark.parametrize("n", [255, 256, 301])
+def test_squared_distances_mirror_their_upper_half(n):
+    emb = torch.from_numpy(make_batch(1, n=n, dim=5)[0])
+    dist = squared_distances(emb)
+    np.testing.assert_allclose(dist.numpy(), reference_distances(emb.numpy()), atol=1e-12)
+    if n >= mining._HALVES_FROM:
+        h = n // 2
+        assert torch.equal(dist[h:, :h], dist[:h, h:].T)
 
 
 def test_cpu_row_blocks_cover_every_row_once():

@@ -84,8 +84,6 @@ def time_both(emb, labels, studies, desc, args, device: str, reference: bool
                                  rng=np.random.default_rng(args.seed), keep_windows=False)
             ref_times.append(time.perf_counter() - t0)
             ref_hard = ref["num_hard"]
-            for _ in range(args.round_warmup):
-                run()
         for _ in range(args.repeats * (r + 1) // rounds - args.repeats * r // rounds):
             t0 = time.perf_counter()
             out = run()
@@ -177,10 +175,6 @@ def main() -> None:
                         "Zipf-like, as batches drawn from a real atlas")
     p.add_argument("--repeats", type=int, default=30, help="timed vectorised calls (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed vectorised calls first")
-    p.add_argument("--round-warmup", type=int, default=0,
-                   help="untimed vectorised calls after each reference run (the single-threaded "
-                        "reference leaves the second core idle and the caches cold; a "
-                        "training loop calls the miner between busy steps)")
     p.add_argument("--reference-repeats", type=int, default=3,
                    help="timed reference runs (median), with the vectorised calls between them")
     p.add_argument("--skip-reference-above", type=int, default=None, metavar="B",

@@ -92,6 +92,7 @@ def _pairs_kernel(lab, studies, use_studies, n_labels):  # pragma: no cover - co
     positive = positive[:pair_start[n]]
     return pair_start, positive
 
+
 @_jit
 def _table_kernel(lab, neg_lab, descendant):  # pragma: no cover - compiled
     n, n_labels = lab.shape[0], descendant.shape[0]
@@ -113,6 +114,7 @@ def _table_kernel(lab, neg_lab, descendant):  # pragma: no cover - compiled
     for i in range(n):
         rows[i] = row_of[lab[i]]
     return rows, table
+
 
 @_jit
 def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r1,
@@ -250,6 +252,7 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r
                                 if size > 0 else -1)
         hard[r, 0] = row_hard
         hard[r, 1] = k * allowed  # viable (pair, candidate)
+
 
 @_jit
 def _triplets_kernel(pair_start, positive, negative):  # pragma: no cover - compiled

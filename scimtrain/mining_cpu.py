@@ -117,7 +117,7 @@ def _table_kernel(lab, neg_lab, descendant):  # pragma: no cover - compiled
 
 
 @_jit
-def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r1,
+def _rows_kernel(dist, table, allowed, rows, pair_start, positive, consts, u, mode, r0, r1,
                 negative, hard):  # pragma: no cover - compiled
     n = dist.shape[1]
     margin, inf = consts[0], consts[1]  # in dist's dtype: thr = d + margin rounds as torch's
@@ -188,9 +188,6 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r
         # (above it a value is never hard and never picked): a bit per column, then the set
         # bits' columns (cheaper than a compaction loop over every column)
         trow = table[rows[r]]
-        allowed = 0
-        for col in range(n):  # (vectorised)
-            allowed += trow[col]
         for w in range(n_words):  # candidate bits, 64 columns a word (vectorised)
             b0 = w * 64
             word = np.uint64(0)
@@ -251,7 +248,7 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r
             negative[p0 + i] = (lined[start + min(int(np.float64(u[p0 + i]) * size), size - 1)]
                                 if size > 0 else -1)
         hard[r, 0] = row_hard
-        hard[r, 1] = k * allowed  # viable (pair, candidate)
+        hard[r, 1] = k * allowed[rows[r]]  # viable (pair, candidate)
 
 
 @_jit
@@ -272,11 +269,11 @@ def _triplets_kernel(pair_start, positive, negative):  # pragma: no cover - comp
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
-def _rows_parallel(dist, table, rows, pair_start, positive, consts, u, mode, edges,
+def _rows_parallel(dist, table, allowed, rows, pair_start, positive, consts, u, mode, edges,
                   negative, hard):  # pragma: no cover - compiled
     for b in numba.prange(edges.shape[0] - 1):
-        _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, edges[b],
-                    edges[b + 1], negative, hard)
+        _rows_kernel(dist, table, allowed, rows, pair_start, positive, consts, u, mode,
+                     edges[b], edges[b + 1], negative, hard)
 
 
 def same_label_pairs(lab: np.ndarray, studies: np.ndarray | None, n_labels: int
@@ -340,7 +337,8 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
     u = np.zeros(0, np.float32) if u is None else np.ascontiguousarray(u)
     negative = np.empty(n_pairs, np.int32)
     hard = np.zeros((n, 2), np.int64)  # per row: hard and viable (pair, candidate)
-    args = (dist, table, rows, pair_start, positive, consts, u, mode)
+    allowed = table.sum(1)  # candidates per table row (label), for the viable counts
+    args = (dist, table, allowed, rows, pair_start, positive, consts, u, mode)
     threads = max(1, min(threads or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS,
                          n // 64))
     if threads == 1:

@@ -422,6 +422,9 @@ def test_group_is_a_stable_counting_sort():
     out, starts = mining._TorchOps.group(torch.from_numpy(keys), 53, torch.from_numpy(values))
     np.testing.assert_array_equal(out.numpy(), values[expect_order])
     np.testing.assert_array_equal(starts.numpy(), expect_starts)
+    out, starts = mining._TorchOps.group(torch.from_numpy(keys[:0]), 5,
+                                         torch.from_numpy(values[:0]))
+    assert out.numel() == 0 and starts.tolist() == [0] * 6
 
 
 def test_margin_below_the_distances_rounding_step():

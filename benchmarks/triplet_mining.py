@@ -8,6 +8,7 @@ the speed-up, the number of anchor-positive pairs, and the vectorised miner's pe
 
     python benchmarks/triplet_mining.py                 # CPU (and CUDA when present)
     python benchmarks/triplet_mining.py --sizes 1000 --labels 20 --skews 0
+    python benchmarks/triplet_mining.py --sizes 1000 --labels 20 --breakdown
 
 The reference is ``tests/reference_impl.py``'s ``reference_mine``: SCimilarity's
 ``TripletSelector`` loop (labels → pairs → numpy over one pair's candidates) with the ontology
@@ -158,6 +159,57 @@ def _memory_probe(path: str, args) -> None:
     print((_proc_status_kib("VmHWM") - base) / 1024)
 
 
+def breakdown(args) -> None:
+    """CPU only: where one call's time goes, per batch of ``--sizes``/``--labels``/``--skews``.
+
+    Medians of ``--repeats`` rounds, each: the distance product, the compiled row pass on 1
+    and on all torch threads (inputs prepared beforehand; each right after a distance product,
+    as in a call), and the whole ``mine_triplets`` call."""
+    threads = torch.get_num_threads()
+    print(f"| skew | B | labels | distances ms | row pass, 1 thread ms | row pass, {threads} "
+          "threads ms | whole call ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for skew in args.skews:
+        for n_labels in args.labels:
+            for n_cells in args.sizes:
+                batch = make_batch(n_cells, n_labels, args.studies, args.dim, args.noise, skew,
+                                   args.seed)
+                ms = _stage_times(*batch, args, threads)
+                print(f"| {skew:g} | {n_cells} | {n_labels} | {ms['dist']:.2f} | {ms[1]:.2f} | "
+                      f"{ms[threads]:.2f} | {ms['call']:.2f} |", flush=True)
+
+
+def _stage_times(emb, labels, studies, desc, args, threads: int) -> dict:
+    """``breakdown``'s medians (ms) for one batch: "dist", 1, ``threads``, "call"."""
+    from scimtrain import mining, mining_cpu
+
+    mode = {"semihard": mining_cpu.SEMIHARD, "random": mining_cpu.RANDOM,
+            "hardest": mining_cpu.HARDEST}[args.selection]
+    e = torch.from_numpy(emb)
+    tensors = [torch.from_numpy(x) for x in (emb, labels, studies, desc)]
+    pair_start, positive = mining_cpu.same_label_pairs(labels, studies, len(desc))
+    rows, table = mining_cpu.candidate_table(labels, labels, desc)
+    u = np.random.default_rng(args.seed).random(len(positive), dtype=np.float32)
+    dist = mining._checked_distances(e).numpy()
+    times: dict = {}
+
+    def timed(name, fn, *fn_args, **fn_kwargs):
+        t0 = time.perf_counter()
+        fn(*fn_args, **fn_kwargs)
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+
+    for i in range(args.warmup + args.repeats):
+        if i == args.warmup:
+            times.clear()
+        timed("dist", mining._checked_distances, e)
+        for t in (1, threads):
+            mining._checked_distances(e)
+            timed(t, mining_cpu.mine_rows, dist, table, rows, pair_start, positive,
+                  args.margin, u, mode, t)
+        timed("call", mine_triplets, *tensors, margin=args.margin, selection=args.selection)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -186,6 +238,9 @@ def main() -> None:
     p.add_argument("--no-size-warmup", action="store_true",
                    help="do not mine one batch of the largest size before timing (see "
                         "size_warmup)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="CPU only: time the distance product, the row pass (1 and all threads) "
+                        "and the whole call instead of comparing with the reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -194,6 +249,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args._memory_probe:
         _memory_probe(args._memory_probe, args)
+        return
+    if args.breakdown:
+        breakdown(args)
         return
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 

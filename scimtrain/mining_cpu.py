@@ -117,8 +117,8 @@ def _table_kernel(lab, neg_lab, descendant):  # pragma: no cover - compiled
 
 
 @_jit
-def _rows_kernel(dist, table, allowed, rows, pair_start, positive, consts, u, mode, r0, r1,
-                negative, hard):  # pragma: no cover - compiled
+def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r1, negative,
+                row_hard, int_like):  # pragma: no cover - compiled
     n = dist.shape[1]
     margin, inf = consts[0], consts[1]  # in dist's dtype: thr = d + margin rounds as torch's
     semihard = mode == SEMIHARD
@@ -135,11 +135,14 @@ def _rows_kernel(dist, table, allowed, rows, pair_start, positive, consts, u, mo
     keys = np.empty(n, np.uint32)  # their buckets
     cells = np.empty(n, np.uint32)  # their cells
     lined = np.empty(n, np.uint32)  # their columns, lined up by (cell, column)
+    ups = np.empty(max_k, dist.dtype)  # D[a, p], then the float just above it
+    up_bits = ups.view(int_like.dtype)  # (the same memory as integers)
+    int_min = np.iinfo(int_like.dtype).min  # the bit pattern of -0.0
     bval = np.empty(m_max, np.float64)  # the row's boundaries: thr's, then above_d's
     bkey = np.empty(m_max, np.uint32)  # their buckets
     below = np.empty(m_max, np.uint32)  # their own cells (boundaries strictly below)
     bounds = np.empty(m_max + 1, np.float64)  # the boundaries, bucket after bucket
-    look = np.empty(_PER_BOUND * m_max + 3, np.uint32)  # per bucket: 2 * first + crowded
+    look = np.empty(_PER_BOUND * m_max + 2, np.uint32)  # each bucket's first boundary
     cell_start = np.empty(m_max + 2, np.uint32)
     for r in range(r0, r1):
         p0, p1 = pair_start[r], pair_start[r + 1]
@@ -151,8 +154,13 @@ def _rows_kernel(dist, table, allowed, rows, pair_start, positive, consts, u, mo
         for i in range(k):
             d = drow[positive[p0 + i]]
             bval[i] = d + margin
-            if semihard:
-                bval[k + i] = np.nextafter(d, inf)
+            ups[i] = d
+        if semihard:  # the float just above d: one step of its bit pattern (d is finite;
+            for i in range(k):  # a call to nextafter costs a twentieth of the row pass)
+                b = up_bits[i]
+                up_bits[i] = b + 1 if b >= 0 else (b - 1 if b != int_min else 1)
+            for i in range(k):
+                bval[k + i] = ups[i]
         lo, hi = math.inf, -math.inf
         for j in range(m):
             lo, hi = min(lo, bval[j]), max(hi, bval[j])
@@ -165,23 +173,23 @@ def _rows_kernel(dist, table, allowed, rows, pair_start, positive, consts, u, mo
         for j in range(m):
             key = min(int((bval[j] - lo) * scale), nb)
             bkey[j] = key
-            look[key + 1] += 1
-        for b in range(nb + 1):
-            look[b + 1] += look[b]
-        for j in range(m):
-            slot = look[bkey[j]]
+            look[key] += 1
+        run = np.uint32(0)
+        for b in range(nb + 1):  # bucket ends (the running sum in a register, not memory)
+            run += look[b]
+            look[b] = run
+        for j in range(m):  # scattered backwards from the ends: look becomes bucket firsts
+            slot = look[bkey[j]] - np.uint32(1)
+            look[bkey[j]] = slot
             bounds[slot] = bval[j]
-            look[bkey[j]] = slot + 1
+        look[nb + 1] = m
         bounds[m] = math.inf  # sentinel: an empty bucket compares with a higher one's
-        for b in range(nb + 1, 0, -1):  # first positions back, crowded flags in
-            first = look[b - 1]
-            look[b] = 2 * first + (look[b] - first > 1)
-        look[0] = look[0] > 1
         for j in range(m):  # each boundary's own cell: the boundaries below it
-            f = look[bkey[j]]
-            count = f >> 1
-            if f & 1:
-                for q in range(f >> 1, look[bkey[j] + 1] >> 1):
+            key = bkey[j]
+            f, g = look[key], look[key + 1]
+            count = f
+            if g - f > 1:
+                for q in range(f, g):
                     count += bounds[q] < bval[j]
             below[j] = count
         # -- candidates: not excluded by the table, below the row's highest boundary
@@ -212,34 +220,40 @@ def _rows_kernel(dist, table, allowed, rows, pair_start, positive, consts, u, mo
         cell_start[:m + 2] = 0
         for i in range(c):
             x = np.float64(xs[i])
-            f = look[keys[i]]
-            cell = f >> 1
-            cell += bounds[cell] <= x
-            if f & 1:
-                for q in range((f >> 1) + 1, look[keys[i] + 1] >> 1):
+            key = keys[i]
+            f, g = look[key], look[key + 1]
+            cell = f + (bounds[f] <= x)
+            if g - f > 1:
+                for q in range(f + 1, g):
                     cell += bounds[q] <= x
             cells[i] = cell
-            cell_start[cell + 1] += 1
-        for b in range(m + 1):
-            cell_start[b + 1] += cell_start[b]
+            cell_start[cell] += 1
         best, best_col = inf, 0
+        run = np.uint32(0)
         if mode == HARDEST:  # the closest candidate, the lowest column among ties
             for i in range(c):
                 if xs[i] < best:
                     best, best_col = xs[i], cols[i]
+            for b in range(m + 1):  # cell firsts
+                cnt = cell_start[b]
+                cell_start[b] = run
+                run += cnt
         else:  # line the candidates up by (cell, column): one stable counting sort
-            for i in range(c):
-                slot = cell_start[cells[i]]
+            for b in range(m + 1):  # cell ends
+                run += cell_start[b]
+                cell_start[b] = run
+            for t in range(c):  # backwards from the ends (stable); cell_start becomes firsts
+                i = c - np.uint64(1) - t
+                cell = cells[i]
+                slot = cell_start[cell] - np.uint32(1)
+                cell_start[cell] = slot
                 lined[slot] = cols[i]
-                cell_start[cells[i]] = slot + 1
-            for b in range(m + 1, 0, -1):
-                cell_start[b] = cell_start[b - 1]
-            cell_start[0] = 0
+        cell_start[m + 1] = c
         # -- per pair: hard run [0, end) (cells up to thr's), window [start, end)
-        row_hard = 0
+        hard = 0
         for i in range(k):
             end = cell_start[below[i] + 1]
-            row_hard += end
+            hard += end
             if mode == HARDEST:
                 negative[p0 + i] = best_col if best < bval[i] else -1
                 continue
@@ -247,33 +261,76 @@ def _rows_kernel(dist, table, allowed, rows, pair_start, positive, consts, u, mo
             size = np.int64(end) - np.int64(start)  # < 0 when d + margin rounds to d
             negative[p0 + i] = (lined[start + min(int(np.float64(u[p0 + i]) * size), size - 1)]
                                 if size > 0 else -1)
-        hard[r, 0] = row_hard
-        hard[r, 1] = k * allowed[rows[r]]  # viable (pair, candidate)
+        row_hard[r] = hard
 
 
 @_jit
-def _triplets_kernel(pair_start, positive, negative):  # pragma: no cover - compiled
+def _row_blocks(pair_start, blocks):  # pragma: no cover - compiled
+    """Edges of consecutive row ranges of about equal estimated work (a row: a scan of B
+    values, plus its pairs): ``edges[b]:edges[b + 1]`` is block b, no block empty."""
+    n = pair_start.shape[0] - 1
+    total = n * n + _PAIR_COST * pair_start[n]
+    edges = np.empty(max(blocks, 1) + 1, np.int64)
+    edges[0] = 0
+    count, r = 1, 0
+    for b in range(1, blocks):
+        target = b * (total / blocks)
+        while r < n and r * n + _PAIR_COST * pair_start[r] < target:  # first row at target
+            r += 1
+        if edges[count - 1] < r < n:
+            edges[count] = r
+            count += 1
+    edges[count] = n
+    return edges[:count + 1]
+
+
+@_jit
+def _collect(table, rows, pair_start, positive, negative, row_hard):  # pragma: no cover
+    """The pairs that got a negative, as (anchor, positive, negative), and the hard and viable
+    counts (viable: a row's pairs times its label's candidates)."""
+    n_labels, n = table.shape
+    allowed = np.zeros(n_labels, np.int64)
+    for x in range(n_labels):
+        for i in range(n):  # (vectorised)
+            allowed[x] += table[x, i]
+    num_hard = num_viable = 0
+    for r in range(n):
+        num_hard += row_hard[r]
+        num_viable += (pair_start[r + 1] - pair_start[r]) * allowed[rows[r]]
     kept = 0
     for i in range(negative.shape[0]):
         kept += negative[i] >= 0
-    a = np.empty(kept, np.int64)
-    p = np.empty(kept, np.int64)
-    neg = np.empty(kept, np.int64)
+    a = np.empty(kept + 1, np.int64)  # (+ 1: the branch-free writes below)
+    p = np.empty(kept + 1, np.int64)
+    neg = np.empty(kept + 1, np.int64)
     j = 0
-    for r in range(pair_start.shape[0] - 1):
+    for r in range(n):
         for i in range(pair_start[r], pair_start[r + 1]):
-            if negative[i] >= 0:
-                a[j], p[j], neg[j] = r, positive[i], negative[i]
-                j += 1
-    return a, p, neg
+            a[j], p[j], neg[j] = r, positive[i], negative[i]
+            j += negative[i] >= 0
+    return a[:kept], p[:kept], neg[:kept], num_hard, num_viable
+
+
+@_jit
+def _mine_serial(dist, table, rows, pair_start, positive, consts, u, mode, int_like
+                 ):  # pragma: no cover - compiled
+    negative = np.empty(positive.shape[0], np.int32)
+    row_hard = np.zeros(dist.shape[0], np.int64)
+    _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, 0, dist.shape[0],
+                 negative, row_hard, int_like)
+    return _collect(table, rows, pair_start, positive, negative, row_hard)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
-def _rows_parallel(dist, table, allowed, rows, pair_start, positive, consts, u, mode, edges,
-                  negative, hard):  # pragma: no cover - compiled
+def _mine_parallel(dist, table, rows, pair_start, positive, consts, u, mode, int_like, blocks
+                   ):  # pragma: no cover - compiled
+    negative = np.empty(positive.shape[0], np.int32)
+    row_hard = np.zeros(dist.shape[0], np.int64)
+    edges = _row_blocks(pair_start, blocks)
     for b in numba.prange(edges.shape[0] - 1):
-        _rows_kernel(dist, table, allowed, rows, pair_start, positive, consts, u, mode,
-                     edges[b], edges[b + 1], negative, hard)
+        _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, edges[b],
+                     edges[b + 1], negative, row_hard, int_like)
+    return _collect(table, rows, pair_start, positive, negative, row_hard)
 
 
 def same_label_pairs(lab: np.ndarray, studies: np.ndarray | None, n_labels: int
@@ -319,7 +376,7 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
     """Each pair's negative, and the numbers of hard and of viable (pair, candidate).
 
     Args:
-        dist: B×B squared distances (float32 or float64).
+        dist: B×B squared distances (float32 or float64, finite).
         table, rows: from ``candidate_table``; ``pair_start``, ``positive``: from
             ``same_label_pairs``.
         margin: added to D[a, p] in ``dist``'s dtype.
@@ -331,36 +388,24 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
         ``(anchor, positive, negative, num_hard, num_viable)``: int64 arrays over the pairs
         that got a negative, in (anchor, positive) order, and two ints.
     """
-    n, n_pairs = dist.shape[0], positive.shape[0]
+    n = dist.shape[0]
     dist = np.ascontiguousarray(dist)
     consts = np.array([margin, np.inf], dtype=dist.dtype)
     u = np.zeros(0, np.float32) if u is None else np.ascontiguousarray(u)
-    negative = np.empty(n_pairs, np.int32)
-    hard = np.zeros((n, 2), np.int64)  # per row: hard and viable (pair, candidate)
-    allowed = table.sum(1)  # candidates per table row (label), for the viable counts
-    args = (dist, table, allowed, rows, pair_start, positive, consts, u, mode)
+    # the integers of dist's width: the float just above d is one step of its bit pattern
+    int_like = np.zeros(0, np.int32 if dist.dtype == np.float32 else np.int64)
+    args = (dist, table, rows, pair_start, positive, consts, u, mode, int_like)
     threads = max(1, min(threads or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS,
                          n // 64))
     if threads == 1:
-        _rows_kernel(*args, 0, n, negative, hard)
+        a, p, neg, num_hard, num_viable = _mine_serial(*args)
     else:
-        edges = _row_blocks(pair_start, _BLOCKS_PER_THREAD * threads)
         previous = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
             with numba.parallel_chunksize(1):  # a thread takes the next block when done
-                _rows_parallel(*args, edges, negative, hard)
+                a, p, neg, num_hard, num_viable = _mine_parallel(
+                    *args, _BLOCKS_PER_THREAD * threads)
         finally:
             numba.set_num_threads(previous)
-    a, p, neg = _triplets_kernel(pair_start, positive, negative)
-    num_hard, num_viable = hard.sum(0).tolist()
-    return a, p, neg, num_hard, num_viable
-
-
-def _row_blocks(pair_start: np.ndarray, blocks: int) -> np.ndarray:
-    """Edges of consecutive row ranges of about equal estimated work (a row: a scan of B
-    values, plus its pairs): ``edges[b]:edges[b + 1]`` is block b, no block empty."""
-    n = pair_start.shape[0] - 1
-    cost = np.arange(n + 1, dtype=np.int64) * n + _PAIR_COST * pair_start
-    cuts = np.searchsorted(cost, np.arange(1, blocks) * (cost[-1] / blocks))
-    return np.unique(np.concatenate([[0], cuts, [n]])).astype(np.int64)
+    return a, p, neg, int(num_hard), int(num_viable)

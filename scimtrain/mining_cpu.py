@@ -57,40 +57,43 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 @_jit
 def _pairs_kernel(lab, studies, use_studies, n_labels):  # pragma: no cover - compiled
+    # (unsigned indices, as in _rows_kernel: no negative-index wraparound code)
     n = lab.shape[0]
-    group = np.zeros(n_labels + 1, np.int64)  # counting sort by label, stable
+    lab = lab.astype(np.uint64)
+    group = np.zeros(n_labels + 1, np.uint64)  # counting sort by label, stable
     for i in range(n):
-        group[lab[i] + 1] += 1
+        group[lab[i] + np.uint64(1)] += np.uint64(1)
     for g in range(n_labels):
         group[g + 1] += group[g]
     cursor = group[:-1].copy()
-    order = np.empty(n, np.int64)
-    place = np.empty(n, np.int64)
+    order = np.empty(n, np.uint64)
+    place = np.empty(n, np.uint64)
     for i in range(n):
         place[i] = cursor[lab[i]]
         order[place[i]] = i
-        cursor[lab[i]] += 1
+        cursor[lab[i]] += np.uint64(1)
     pair_start = np.zeros(n + 1, np.int64)
-    if use_studies:
-        sorted_studies = np.empty(n, studies.dtype)  # in group order: contiguous reads below
+    sorted_studies = np.zeros(n if use_studies else 0, studies.dtype)  # in group order:
+    if use_studies:  # contiguous reads below
         for s in range(n):
             sorted_studies[s] = studies[order[s]]
     for i in range(n):  # a cell's positives: the cells after it in its label's group
-        end = group[lab[i] + 1]
-        count = end - place[i] - 1
+        end = group[lab[i] + np.uint64(1)]
+        count = end - place[i] - np.uint64(1)
         if use_studies:
-            count = 0
-            for s in range(place[i] + 1, end):  # (vectorised)
-                count += sorted_studies[s] != studies[i]
-        pair_start[i + 1] = pair_start[i] + count
+            count = np.uint64(0)
+            study = studies[i]
+            for s in range(place[i] + np.uint64(1), end):  # (vectorised)
+                count += np.uint64(sorted_studies[s] != study)
+        pair_start[i + 1] = pair_start[i] + np.int64(count)
     positive = np.empty(pair_start[n] + 1, np.int64)  # (+ 1: the branch-free writes below)
     for i in range(n):
-        j = pair_start[i]
-        for s in range(place[i] + 1, group[lab[i] + 1]):
+        j = np.uint64(pair_start[i])
+        study = studies[i] if use_studies else 0
+        for s in range(place[i] + np.uint64(1), group[lab[i] + np.uint64(1)]):
             positive[j] = order[s]
-            j += not use_studies or sorted_studies[s] != studies[i]
-    positive = positive[:pair_start[n]]
-    return pair_start, positive
+            j += np.uint64(not use_studies or sorted_studies[s] != study)
+    return pair_start, positive[:pair_start[n]]
 
 
 @_jit
@@ -103,13 +106,16 @@ def _table_kernel(lab, neg_lab, descendant):  # pragma: no cover - compiled
             row_of[lab[i]] = n_rows
             n_rows += 1
     table = np.empty((n_rows, n), np.bool_)
+    unrelated = np.empty(n_labels, np.bool_)
     for x in range(n_labels):
         r = row_of[x]
         if r < 0:
             continue
+        for y in range(n_labels):
+            unrelated[y] = not descendant[x, y] and not descendant[y, x]
+        trow = table[r]
         for i in range(n):
-            y = neg_lab[i]
-            table[r, i] = lab[i] != x and not descendant[x, y] and not descendant[y, x]
+            trow[i] = (lab[i] != x) & unrelated[np.uint64(neg_lab[i])]
     rows = np.empty(n, np.int64)
     for i in range(n):
         rows[i] = row_of[lab[i]]

@@ -60,7 +60,7 @@ def time_both(emb, labels, studies, desc, args, device: str, reference: bool
     """Median ms of the vectorised miner (``--repeats`` calls) and, if ``reference``, of the
     loop reference (``--reference-repeats`` runs), interleaved: the vectorised calls run in
     rounds between the reference runs, so that both see the same machine (a shared VM's speed
-    drifts over seconds). Returns (vectorised ms, its num_hard, reference ms, its num_hard)."""
+    drifts over seconds); each round starts with ``--warmup`` untimed calls. Returns (vectorised ms, its num_hard, reference ms, its num_hard)."""
     e = torch.from_numpy(emb).to(device)
     lab = torch.from_numpy(labels).to(device)
     st = torch.from_numpy(studies).to(device)
@@ -85,6 +85,8 @@ def time_both(emb, labels, studies, desc, args, device: str, reference: bool
                                  rng=np.random.default_rng(args.seed), keep_windows=False)
             ref_times.append(time.perf_counter() - t0)
             ref_hard = ref["num_hard"]
+            for _ in range(args.warmup):  # untimed again: the reference's ~0.4 s of
+                run()  # single-threaded Python leaves the miner's threads asleep
         for _ in range(args.repeats * (r + 1) // rounds - args.repeats * r // rounds):
             t0 = time.perf_counter()
             out = run()
@@ -226,7 +228,8 @@ def main() -> None:
                    help="label frequency ∝ 1/rank**skew: 0 = uniform (fewest pairs), 1 = "
                         "Zipf-like, as batches drawn from a real atlas")
     p.add_argument("--repeats", type=int, default=30, help="timed vectorised calls (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed vectorised calls first")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed vectorised calls first, and again after each reference run")
     p.add_argument("--reference-repeats", type=int, default=3,
                    help="timed reference runs (median), with the vectorised calls between them")
     p.add_argument("--skip-reference-above", type=int, default=None, metavar="B",

@@ -317,26 +317,12 @@ def _collect(table, rows, pair_start, positive, negative, row_hard):  # pragma: 
     return a[:kept], p[:kept], neg[:kept], num_hard, num_viable
 
 
-@_jit
-def _mine_serial(dist, table, rows, pair_start, positive, consts, u, mode, int_like
-                 ):  # pragma: no cover - compiled
-    negative = np.empty(positive.shape[0], np.int32)
-    row_hard = np.zeros(dist.shape[0], np.int64)
-    _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, 0, dist.shape[0],
-                 negative, row_hard, int_like)
-    return _collect(table, rows, pair_start, positive, negative, row_hard)
-
-
 @numba.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
-def _mine_parallel(dist, table, rows, pair_start, positive, consts, u, mode, int_like, blocks
-                   ):  # pragma: no cover - compiled
-    negative = np.empty(positive.shape[0], np.int32)
-    row_hard = np.zeros(dist.shape[0], np.int64)
-    edges = _row_blocks(pair_start, blocks)
+def _rows_parallel(dist, table, rows, pair_start, positive, consts, u, mode, int_like, edges,
+                   negative, row_hard):  # pragma: no cover - compiled
     for b in numba.prange(edges.shape[0] - 1):
         _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, edges[b],
                      edges[b + 1], negative, row_hard, int_like)
-    return _collect(table, rows, pair_start, positive, negative, row_hard)
 
 
 def same_label_pairs(lab: np.ndarray, studies: np.ndarray | None, n_labels: int
@@ -403,15 +389,19 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
     args = (dist, table, rows, pair_start, positive, consts, u, mode, int_like)
     threads = max(1, min(threads or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS,
                          n // 64))
+    negative = np.empty(positive.shape[0], np.int32)
+    row_hard = np.zeros(n, np.int64)
     if threads == 1:
-        a, p, neg, num_hard, num_viable = _mine_serial(*args)
+        _rows_kernel(*args[:-1], 0, n, negative, row_hard, int_like)
     else:
+        edges = _row_blocks(pair_start, _BLOCKS_PER_THREAD * threads)
         previous = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
             with numba.parallel_chunksize(1):  # a thread takes the next block when done
-                a, p, neg, num_hard, num_viable = _mine_parallel(
-                    *args, _BLOCKS_PER_THREAD * threads)
+                _rows_parallel(*args, edges, negative, row_hard)
         finally:
             numba.set_num_threads(previous)
+    a, p, neg, num_hard, num_viable = _collect(table, rows, pair_start, positive, negative,
+                                               row_hard)
     return a, p, neg, int(num_hard), int(num_viable)

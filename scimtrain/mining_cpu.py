@@ -123,8 +123,8 @@ def _table_kernel(lab, neg_lab, descendant):  # pragma: no cover - compiled
 
 
 @_jit
-def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, r0, r1, negative,
-                row_hard, int_like):  # pragma: no cover - compiled
+def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_like, r0, r1,
+                negative, row_hard):  # pragma: no cover - compiled
     n = dist.shape[1]
     margin, inf = consts[0], consts[1]  # in dist's dtype: thr = d + margin rounds as torch's
     semihard = mode == SEMIHARD
@@ -321,8 +321,8 @@ def _collect(table, rows, pair_start, positive, negative, row_hard):  # pragma: 
 def _rows_parallel(dist, table, rows, pair_start, positive, consts, u, mode, int_like, edges,
                    negative, row_hard):  # pragma: no cover - compiled
     for b in numba.prange(edges.shape[0] - 1):
-        _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, edges[b],
-                     edges[b + 1], negative, row_hard, int_like)
+        _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_like,
+                     edges[b], edges[b + 1], negative, row_hard)
 
 
 def same_label_pairs(lab: np.ndarray, studies: np.ndarray | None, n_labels: int
@@ -392,7 +392,7 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
     negative = np.empty(positive.shape[0], np.int32)
     row_hard = np.zeros(n, np.int64)
     if threads == 1:
-        _rows_kernel(*args[:-1], 0, n, negative, row_hard, int_like)
+        _rows_kernel(*args, 0, n, negative, row_hard)
     else:
         edges = _row_blocks(pair_start, _BLOCKS_PER_THREAD * threads)
         previous = numba.get_num_threads()

@@ -450,6 +450,21 @@ def test_squared_distances_mirror_their_upper_half(n):
         assert torch.equal(dist[h:, :h], dist[:h, h:].T)
 
 
+@pytest.mark.parametrize("dtype, int_dtype", [(np.float32, np.int32), (np.float64, np.int64)])
+def test_cpu_step_up_is_nextafter(dtype, int_dtype):
+    from scimtrain import mining_cpu
+
+    info = np.finfo(dtype)
+    edge = [0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal, info.tiny, -info.tiny,
+            1.0, -1.0, 1.9999999, -2.5e-8, info.max / 2, -info.max]
+    values = np.concatenate([np.array(edge, dtype),
+                             np.random.default_rng(0).normal(size=1000).astype(dtype)])
+    stepped = values.copy()
+    mining_cpu._step_up(stepped, np.zeros(0, int_dtype))
+    expected = np.nextafter(values, dtype(np.inf))
+    assert np.array_equal(stepped.view(int_dtype), expected.view(int_dtype))
+
+
 def test_cpu_row_blocks_cover_every_row_once():
     from scimtrain import mining_cpu
 

@@ -322,9 +322,11 @@ class _Bins:
             # float32 would blur the buckets (embeddings far from unit length) or the keys.
             ftype = ops.f64
             span, lo = ops.cast(span, ftype), ops.cast(lo, ftype)
-        self.ftype, self.lo = ftype, lo
-        self.scale = ops.where(usable, ops.cast(n_buckets - 2, ftype) / span, 0.0)
-        self.offset = 1 - lo * self.scale + ops.cast(row_base[:-1], ftype)
+        scale = ops.cast(n_buckets - 2, ftype) / span
+        usable &= ops.isfinite(scale)  # a subnormal span overflows it: one bucket as well
+        self.ftype, self.lo = ftype, ops.where(usable, lo, 0.0)
+        self.scale = ops.where(usable, scale, 0.0)
+        self.offset = 1 - self.lo * self.scale + ops.cast(row_base[:-1], ftype)
 
         reserved = row_base[:-1] + n_buckets
         keys = ops.cat([self.keys(b, part_count) for b in bound_parts]

@@ -39,6 +39,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 __all__ = ["HARDEST", "RANDOM", "SEMIHARD", "candidate_table", "mine_rows", "same_label_pairs"]
 
 SEMIHARD, RANDOM, HARDEST = 0, 1, 2
+_MAX_SCALE = 1e300  # keys stay finite: (hi - lo) * scale <= nb
 _PER_BOUND = 8  # buckets per boundary (speed only: fewer crowded buckets, larger tables)
 # Row cost model for sharing rows between threads: scanning a row of B distances, plus this
 # many distances' worth per pair (a pair's boundaries cost about as much as 12 scanned values).
@@ -184,6 +185,8 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_l
         # monotone in the value, whatever the rounding.
         nb = _PER_BOUND * m  # keys 0..nb (nb itself only by rounding)
         scale = (nb - 1) / (hi - lo) if hi > lo else 0.0
+        # finite even when hi - lo is subnormal: keys are then coarser, never out of range
+        scale = min(scale, _MAX_SCALE)
         look[:nb + 2] = 0
         for j in range(m):
             key = min(int((bval[j] - lo) * scale), nb)

@@ -440,6 +440,28 @@ def test_margin_below_the_distances_rounding_step():
             assert cpu[0].numel() == 0
 
 
+def test_subnormal_distances_and_margin():
+    # Embeddings on a grid of 2^-537: squared distances are small multiples of the smallest
+    # subnormal double, and so is the margin. The rows' threshold spans are then subnormal
+    # (once a segfault of the compiled path); both paths must still agree with the reference.
+    rng = np.random.default_rng(0)
+    grid = rng.integers(0, 6, size=(40, 1))
+    emb = grid * 2.0**-537
+    labels = rng.integers(0, 3, size=40)
+    desc = np.zeros((3, 3), bool)
+    margin = 3 * 2.0**-1074
+    for selection in ("semihard", "random", "hardest"):
+        ref = reference_mine(emb, labels, None, desc, margin, selection)
+        cpu = _mine_with("cpu", emb, labels, None, desc, selection, margin)
+        assert _same(cpu, _mine_with(mining._TorchOps, emb, labels, None, desc, selection,
+                                     margin))
+        assert (cpu[3], cpu[4]) == (ref["num_hard"], ref["num_viable"])
+        got = set(zip(*(t.tolist() for t in cpu[:3])))
+        assert {(a, p) for a, p, _ in got} == {k for k, w in ref["windows"].items() if len(w)}
+        for a, p, n in got:
+            assert n in ref["windows"][(a, p)]
+
+
 @pytest.mark.parametrize("n", [255, 256, 301])
 def test_squared_distances_mirror_their_upper_half(n):
     emb = torch.from_numpy(make_batch(1, n=n, dim=5)[0])

@@ -28,7 +28,6 @@ process loads it in under a second). Blocks of rows are shared among
 
 from __future__ import annotations
 
-import math
 import os
 
 import numba
@@ -39,7 +38,6 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 __all__ = ["HARDEST", "RANDOM", "SEMIHARD", "candidate_table", "mine_rows", "same_label_pairs"]
 
 SEMIHARD, RANDOM, HARDEST = 0, 1, 2
-_MAX_SCALE = 1e300  # keys stay finite: (hi - lo) * scale <= nb
 _PER_BOUND = 8  # buckets per boundary (speed only: fewer crowded buckets, larger tables)
 # Row cost model for sharing rows between threads: scanning a row of B distances, plus this
 # many distances' worth per pair (a pair's boundaries cost about as much as 12 scanned values).
@@ -140,7 +138,8 @@ def _step_up(values, int_like):  # pragma: no cover - compiled
 def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_like, r0, r1,
                 negative, row_hard):  # pragma: no cover - compiled
     n = dist.shape[1]
-    margin, inf = consts[0], consts[1]  # in dist's dtype: thr = d + margin rounds as torch's
+    # in dist's dtype: thr = d + margin rounds as torch's; max_scale keeps keys finite
+    margin, inf, max_scale = consts[0], consts[1], consts[2]
     semihard = mode == SEMIHARD
     max_k = 0
     for r in range(r0, r1):
@@ -156,10 +155,11 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_l
     cells = np.empty(n, np.uint32)  # their cells
     lined = np.empty(n, np.uint32)  # their columns, lined up by (cell, column)
     ups = np.empty(max_k, dist.dtype)  # D[a, p], then the float just above it
-    bval = np.empty(m_max, np.float64)  # the row's boundaries: thr's, then above_d's
+    bval = np.empty(m_max, dist.dtype)  # the row's boundaries: thr's, then above_d's
     bkey = np.empty(m_max, np.uint32)  # their buckets
     below = np.empty(m_max, np.uint32)  # their own cells (boundaries strictly below)
-    bounds = np.empty(m_max + 1, np.float64)  # the boundaries, bucket after bucket
+    bounds = np.empty(m_max + 1, dist.dtype)  # the boundaries, bucket after bucket
+    top_key = np.empty(1, dist.dtype)  # (nb - 1 in dist's dtype)
     look = np.empty(_PER_BOUND * m_max + 2, np.uint32)  # each bucket's first boundary
     cell_start = np.empty(m_max + 2, np.uint32)
     for r in range(r0, r1):
@@ -177,16 +177,18 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_l
             _step_up(ups[:k], int_like)
             for i in range(k):
                 bval[k + i] = ups[i]
-        lo, hi = math.inf, -math.inf
+        lo, hi = inf, -inf
         for j in range(m):
             lo, hi = min(lo, bval[j]), max(hi, bval[j])
         # -- the boundaries counted into buckets and lined up bucket after bucket. A key
-        # is trunc((max(v, lo) - lo) * scale): the same steps for every value keep it
-        # monotone in the value, whatever the rounding.
+        # is trunc((max(v, lo) - lo) * scale), in dist's dtype (float32: twice the vector
+        # lanes): the same steps for every value keep it monotone in the value, whatever
+        # the rounding.
         nb = _PER_BOUND * m  # keys 0..nb (nb itself only by rounding)
-        scale = (nb - 1) / (hi - lo) if hi > lo else 0.0
-        # finite even when hi - lo is subnormal: keys are then coarser, never out of range
-        scale = min(scale, _MAX_SCALE)
+        top_key[0] = nb - 1 if hi > lo else 0
+        scale = top_key[0] / (hi - lo) if hi > lo else top_key[0]
+        if not scale < max_scale:  # hi - lo subnormal: keys coarser, never out of range
+            scale = max_scale
         look[:nb + 2] = 0
         for j in range(m):
             key = min(int((bval[j] - lo) * scale), nb)
@@ -201,7 +203,7 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_l
             look[bkey[j]] = slot
             bounds[slot] = bval[j]
         look[nb + 1] = m
-        bounds[m] = math.inf  # sentinel: an empty bucket compares with a higher one's
+        bounds[m] = inf  # sentinel: an empty bucket compares with a higher one's
         for j in range(m):  # each boundary's own cell: the boundaries below it
             key = bkey[j]
             f, g = look[key], look[key + 1]
@@ -231,13 +233,13 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_l
                 c += np.uint64(1)
                 word &= word - np.uint64(1)
         for i in range(c):  # (vectorised)
-            keys[i] = min(int((max(np.float64(xs[i]), lo) - lo) * scale), nb)
+            keys[i] = min(int((max(xs[i], lo) - lo) * scale), nb)
         # -- cells: the bucket's first position, + 1 if its first boundary is <= x
         # (an empty bucket's "first" lies in a higher bucket: never <= x), + the rest of
         # a crowded bucket's boundaries that are <= x; counted per cell
         cell_start[:m + 2] = 0
         for i in range(c):
-            x = np.float64(xs[i])
+            x = xs[i]
             key = keys[i]
             f, g = look[key], look[key + 1]
             cell = f + (bounds[f] <= x)
@@ -394,7 +396,7 @@ def mine_rows(dist: np.ndarray, table: np.ndarray, rows: np.ndarray, pair_start:
     """
     n = dist.shape[0]
     dist = np.ascontiguousarray(dist)
-    consts = np.array([margin, np.inf], dtype=dist.dtype)
+    consts = np.array([margin, np.inf, np.finfo(dist.dtype).max / 2**16], dtype=dist.dtype)
     u = np.zeros(0, np.float32) if u is None else np.ascontiguousarray(u)
     # the integers of dist's width: the float just above d is one step of its bit pattern
     int_like = np.zeros(0, np.int32 if dist.dtype == np.float32 else np.int64)

@@ -440,18 +440,20 @@ def test_margin_below_the_distances_rounding_step():
             assert cpu[0].numel() == 0
 
 
-def test_subnormal_distances_and_margin():
-    # Embeddings on a grid of 2^-537: squared distances are small multiples of the smallest
-    # subnormal double, and so is the margin. The rows' threshold spans are then subnormal
+@pytest.mark.parametrize("dtype, exponent", [(np.float64, -537), (np.float32, -74)])
+def test_subnormal_distances_and_margin(dtype, exponent):
+    # Embeddings on a grid of 2^exponent: squared distances are small multiples of the
+    # smallest subnormal, and so is the margin. The rows' threshold spans are then subnormal
     # (once a segfault of the compiled path); both paths must still agree with the reference.
     rng = np.random.default_rng(0)
-    grid = rng.integers(0, 6, size=(40, 1))
-    emb = grid * 2.0**-537
+    emb = (rng.integers(0, 6, size=(40, 1)) * 2.0**exponent).astype(dtype)
     labels = rng.integers(0, 3, size=40)
     desc = np.zeros((3, 3), bool)
-    margin = 3 * 2.0**-1074
+    margin = float(3 * np.finfo(dtype).smallest_subnormal)
+    dist = squared_distances(torch.from_numpy(emb)).numpy()  # (BLAS may flush subnormals)
+    assert 0 < dist[dist > 0].min() < np.finfo(dtype).tiny
     for selection in ("semihard", "random", "hardest"):
-        ref = reference_mine(emb, labels, None, desc, margin, selection)
+        ref = reference_mine(emb, labels, None, desc, margin, selection, dist=dist)
         cpu = _mine_with("cpu", emb, labels, None, desc, selection, margin)
         assert _same(cpu, _mine_with(mining._TorchOps, emb, labels, None, desc, selection,
                                      margin))

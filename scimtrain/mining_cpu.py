@@ -318,16 +318,16 @@ def _collect(table, rows, pair_start, positive, negative, row_hard):  # pragma: 
         num_hard += row_hard[r]
         num_viable += (pair_start[r + 1] - pair_start[r]) * allowed[rows[r]]
     kept = 0
-    for i in range(negative.shape[0]):
+    for i in range(negative.shape[0]):  # (vectorised)
         kept += negative[i] >= 0
     a = np.empty(kept + 1, np.int64)  # (+ 1: the branch-free writes below)
     p = np.empty(kept + 1, np.int64)
     neg = np.empty(kept + 1, np.int64)
-    j = 0
+    j = np.uint64(0)  # (unsigned indices, as in _rows_kernel)
     for r in range(n):
-        for i in range(pair_start[r], pair_start[r + 1]):
+        for i in range(np.uint64(pair_start[r]), np.uint64(pair_start[r + 1])):
             a[j], p[j], neg[j] = r, positive[i], negative[i]
-            j += negative[i] >= 0
+            j += np.uint64(negative[i] >= 0)
     return a[:kept], p[:kept], neg[:kept], num_hard, num_viable
 
 

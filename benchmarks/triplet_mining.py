@@ -185,8 +185,7 @@ def _stage_times(emb, labels, studies, desc, args, threads: int) -> dict:
     """``breakdown``'s medians (ms) for one batch: "dist", 1, ``threads``, "call"."""
     from scimtrain import mining, mining_cpu
 
-    mode = {"semihard": mining_cpu.SEMIHARD, "random": mining_cpu.RANDOM,
-            "hardest": mining_cpu.HARDEST}[args.selection]
+    mode = mining_cpu.MODES[args.selection]
     e = torch.from_numpy(emb)
     tensors = [torch.from_numpy(x) for x in (emb, labels, studies, desc)]
     pair_start, positive = mining_cpu.same_label_pairs(labels, studies, len(desc))

@@ -511,10 +511,9 @@ def _mine_cpu(embeddings, lab, neg_lab, st, desc, margin, selection, generator, 
     u = None if selection == "hardest" else _uniform(n_pairs, generator, device).numpy()
     rows, table = mining_cpu.candidate_table(lab.numpy(), neg_lab.numpy(), desc.numpy())
     dist = _checked_distances(embeddings).numpy()
-    mode = {"semihard": mining_cpu.SEMIHARD, "random": mining_cpu.RANDOM,
-            "hardest": mining_cpu.HARDEST}[selection]
     a, p, negative, num_hard, num_viable = mining_cpu.mine_rows(
-        dist, table, rows, pair_start, positive, margin, u, mode, threads)
+        dist, table, rows, pair_start, positive, margin, u, mining_cpu.MODES[selection],
+        threads)
     return _finish(a, p, negative, num_hard, num_viable, device, dummy_triplet)
 
 

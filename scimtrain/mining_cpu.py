@@ -21,8 +21,8 @@ at or below it (one comparison unless the bucket is crowded); one counting sort 
 lines the candidates up. O(B) per row plus O(1) expected per candidate and per pair, O(B +
 pairs of a row) scratch memory per thread: no B×B×B tensor.
 
-Compiled on first use (a few seconds once; numba caches the machine code on disk, so a later
-process loads it in under a second). Blocks of rows are shared among
+Compiled on first use (several seconds once; numba caches the machine code on disk, so a
+later process loads it in under a second). Blocks of rows are shared among
 ``torch.get_num_threads()`` threads of numba's OpenMP threading layer (why OpenMP: below).
 """
 
@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-__all__ = ["HARDEST", "RANDOM", "SEMIHARD", "candidate_table", "mine_rows", "same_label_pairs"]
+__all__ = ["HARDEST", "MODES", "RANDOM", "SEMIHARD", "candidate_table", "mine_rows",
+           "same_label_pairs"]
 
 SEMIHARD, RANDOM, HARDEST = 0, 1, 2
+MODES = {"semihard": SEMIHARD, "random": RANDOM, "hardest": HARDEST}  # by selection name
 _PER_BOUND = 8  # buckets per boundary (speed only: fewer crowded buckets, larger tables)
 # Row cost model for sharing rows between threads: scanning a row of B distances, plus this
 # many distances' worth per pair (a pair's boundaries cost about as much as 12 scanned values).
@@ -154,7 +156,6 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_l
     keys = np.empty(n, np.uint32)  # their buckets
     cells = np.empty(n, np.uint32)  # their cells
     lined = np.empty(n, np.uint32)  # their columns, lined up by (cell, column)
-    ups = np.empty(max_k, dist.dtype)  # D[a, p], then the float just above it
     bval = np.empty(m_max, dist.dtype)  # the row's boundaries: thr's, then above_d's
     bkey = np.empty(m_max, np.uint32)  # their buckets
     below = np.empty(m_max, np.uint32)  # their own cells (boundaries strictly below)
@@ -172,11 +173,10 @@ def _rows_kernel(dist, table, rows, pair_start, positive, consts, u, mode, int_l
         for i in range(k):
             d = drow[positive[p0 + i]]
             bval[i] = d + margin
-            ups[i] = d
+            if semihard:
+                bval[k + i] = d
         if semihard:
-            _step_up(ups[:k], int_like)
-            for i in range(k):
-                bval[k + i] = ups[i]
+            _step_up(bval[k:m], int_like)  # d -> above_d
         lo, hi = inf, -inf
         for j in range(m):
             lo, hi = min(lo, bval[j]), max(hi, bval[j])

@@ -205,7 +205,12 @@ class CellStream(IterableDataset):
                 multiprocessing_context=self.config.multiprocessing_context,
                 # Finished batches waiting per worker: dense ones are large (B x G float32).
                 pin_memory=self.config.pin_memory, prefetch_factor=2,
-                worker_init_fn=_worker_init))
+                worker_init_fn=_worker_init,
+                # The workers' base seed comes from this generator, not from torch's global
+                # one, which dropout also draws from: starting workers (as a resumed epoch
+                # does once more) must not shift the training's random stream.
+                generator=torch.Generator().manual_seed(
+                    hash((self.config.seed, self.epoch, self.rank)) & (2**63 - 1))))
         for batch in source:
             # Counted before handing out, so a state_dict() taken while the consumer holds
             # batch k says "k + 1 consumed".

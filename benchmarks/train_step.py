@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sparse-batches", action="store_true",
                         help="move batches as CSR and densify on the device")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--cpu-miner", choices=["compiled", "torch"], default=None,
+                        help="on the CPU: the compiled miner or the torch path CUDA runs "
+                             "(sets SCIMTRAIN_CPU_MINER; default: the package's)")
     args = parser.parse_args(argv)
+    if args.cpu_miner:
+        os.environ["SCIMTRAIN_CPU_MINER"] = args.cpu_miner
 
     store = CellArrStore(args.store)
     selection = select_cells(store, SelectionConfig())
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"store {args.store}: {len(selection.gene_order):,} genes, batch {args.batch_size}, "
           f"{args.workers} workers, device {accelerator.device}, {os.cpu_count()} cores, "
-          f"torch threads {torch.get_num_threads()}, {args.steps} steps in {wall:.1f} s")
+          f"torch threads {torch.get_num_threads()}, cpu miner "
+          f"{os.environ.get('SCIMTRAIN_CPU_MINER', 'default')}, {args.steps} steps in {wall:.1f} s")
     print("\n| section | first step s | later steps s (mean) | share of step |")
     print("|---|---:|---:|---:|")
     later = slice(1, None)

@@ -31,6 +31,7 @@ block size or the bucket counts.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -44,6 +45,18 @@ SELECTIONS = ("semihard", "hardest", "random")
 _BUCKETS = 256
 _BUCKETS_PER_BOUNDARY = 4  # rows with many boundaries get more buckets...
 _MAX_BUCKETS = 4096  # ... up to this many
+
+# Which miner runs on the CPU: "compiled" (mining_cpu, default) or "torch" (the tensor path
+# that CUDA runs), read at every call so a benchmark can compare them in one training step.
+CPU_MINER_ENV = "SCIMTRAIN_CPU_MINER"
+CPU_MINERS = ("compiled", "torch")
+
+
+def _cpu_miner() -> str:
+    name = os.environ.get(CPU_MINER_ENV, "compiled")
+    if name not in CPU_MINERS:
+        raise ValueError(f"{CPU_MINER_ENV} must be one of {CPU_MINERS}, got {name!r}")
+    return name
 
 
 # ----------------------------------------------------------------------------- validation
@@ -466,7 +479,7 @@ def mine_triplets(
                 f"studies must be None or a 1-D tensor with one entry per embedding row ({n}), "
                 f"got shape {tuple(st.shape)}"
             )
-    if device.type == "cpu":
+    if device.type == "cpu" and _cpu_miner() == "compiled":
         return _mine_cpu(embeddings, lab, neg_lab, st, desc, margin, selection, generator,
                          dummy_triplet=dummy_triplet)
     return _mine(_TorchOps, embeddings, lab, neg_lab, st, desc, margin, selection, generator,

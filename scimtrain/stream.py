@@ -30,7 +30,7 @@ import gc
 import multiprocessing
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, NamedTuple
+from typing import TYPE_CHECKING, Iterator, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scimtrain.prefetch import prefetch
 from scimtrain.sampling import Mode, SamplingPlan
 from scimtrain.store import CellArrStore
+
+if TYPE_CHECKING:
+    from scimtrain.cache import TrainingCache
 
 
 # CSR batches are built and passed between processes many times a second; torch warns on each
@@ -129,7 +132,8 @@ class CellStream(IterableDataset):
 
     def __init__(self, store: CellArrStore | str, cells: CellTable,
                  gene_indices: np.ndarray | None = None, config: StreamConfig = StreamConfig(),
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, *, cache: TrainingCache | None = None,
+                 cache_offset: int = 0) -> None:
         super().__init__()
         if not isinstance(store, CellArrStore):
             store = CellArrStore(store)
@@ -155,6 +159,10 @@ class CellStream(IterableDataset):
                 self.gene_indices = None  # identity: skip the column gather
             self.n_genes = self.gene_indices.size if self.gene_indices is not None else \
                 n_store_genes
+        self.cache = cache
+        self.cache_offset = int(cache_offset)
+        if cache is not None:
+            check_cache(cache, cache_offset, cells, self.gene_indices, n_store_genes, config)
         self.epoch = 0
         self.consumed = 0
 
@@ -220,6 +228,10 @@ class CellStream(IterableDataset):
     def _produce(self, epoch: int, start: int, worker: int, n_workers: int) -> Iterator[Batch]:
         """This worker's batches of ``epoch`` from batch ``start`` on, read pool by pool."""
         mine = list(range(start + worker, len(self), n_workers))
+        if self.cache is not None:
+            cached = (self._cached_batch(self.plan.batch(epoch, self.rank, k)) for k in mine)
+            yield from prefetch(cached, self.config.prefetch_pools)
+            return
         pools = ramped_pools(mine, self.config.pool_batches)
         plans = ([self.plan.batch(epoch, self.rank, k) for k in pool] for pool in pools)
         reads = ((batches, self._read_pool(batches)) for batches in plans)
@@ -243,6 +255,21 @@ class CellStream(IterableDataset):
                         torch.from_numpy(self.cells.labels[positions]),
                         torch.from_numpy(self.cells.studies[positions]))
 
+    def _cached_batch(self, positions: np.ndarray) -> Batch:
+        """Batch of ``positions`` gathered from the cache: rows ``cache_offset + positions``
+        hold the same log-normalised values the TileDB path computes, in the same order."""
+        rows = positions + self.cache_offset
+        shape = (positions.size, self.n_genes)
+        if self.config.output == "csr":
+            indptr, indices, values = self.cache.gather_csr(rows)
+            x = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices),
+                                        torch.from_numpy(values), size=shape)
+        else:
+            x = _zeros(shape, shared=get_worker_info() is not None)
+            self.cache.gather_dense(rows, x.numpy())
+        return Batch(x, torch.from_numpy(self.cells.labels[positions]),
+                     torch.from_numpy(self.cells.studies[positions]))
+
     def _expression(self, counts: sp.csr_matrix) -> torch.Tensor:
         """Counts → ``log1p(counts / row_sum * target_sum)`` (zero rows stay zero)."""
         values = lognormalize(counts, self.config.target_sum)
@@ -255,6 +282,28 @@ class CellStream(IterableDataset):
         sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).toarray(
             out=dense.numpy())
         return dense
+
+
+def check_cache(cache: TrainingCache, offset: int, cells: CellTable,
+                gene_indices: np.ndarray | None, n_store_genes: int,
+                config: StreamConfig) -> None:
+    """Raise ValueError unless rows ``offset ..`` of ``cache`` are ``cells`` with the stream's
+    genes and normalisation (a wrong offset or a cache of another selection would otherwise
+    train on the wrong cells without a sound)."""
+    genes = np.arange(n_store_genes) if gene_indices is None else gene_indices
+    if offset < 0 or offset + len(cells) > cache.n_rows:
+        raise ValueError(f"cache_offset {offset} + {len(cells)} cells overruns the "
+                         f"{cache.n_rows} rows of {cache.path}")
+    if not np.array_equal(cache.cell_index[offset:offset + len(cells)], cells.cell_index):
+        raise ValueError(f"rows {offset}.. of the training cache {cache.path} are not this "
+                         "stream's cells: pass the cache built for this selection and the "
+                         "split's offset (0 for train, len(train) for validation)")
+    if not np.array_equal(cache.gene_indices, genes):
+        raise ValueError(f"the training cache {cache.path} holds other genes than the "
+                         "stream's gene_indices: build it with the same gene order")
+    if cache.target_sum != config.target_sum:
+        raise ValueError(f"the training cache {cache.path} is normalised to target_sum "
+                         f"{cache.target_sum}, the stream to {config.target_sum}")
 
 
 def protect_inherited_objects() -> None:

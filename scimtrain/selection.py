@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,10 @@ HARMONISATION: dict[str, str] = {
 # space unrelated to the model's, which is almost always a wrong file or a different naming
 # (Ensembl ids vs symbols); a few missing genes are normal between annotation releases.
 MIN_GENE_ORDER_MATCH = 0.5
+
+# The column the cellarr package writes in cell_metadata and sample_metadata: the input file
+# (its sample) each cell came from.
+CELLARR_SAMPLE = "cellarr_sample"
 
 # Standard column names of Selection.train / Selection.val.
 LABEL_ID, LABEL_NAME, STUDY, SAMPLE = "label_id", "label_name", "study", "sample"
@@ -160,8 +164,7 @@ def select_cells(store: CellArrStore, config: SelectionConfig = SelectionConfig(
     record("2a exclude studies", cells)
     cells = exclude_samples(cells, cfg.exclude_samples)
     record("2b exclude samples", cells)
-    disease_pairs = disease_samples(store, cfg)
-    cells = exclude_samples(cells, disease_pairs)
+    cells = exclude_disease_samples(cells, store, cfg)
     record("2c exclude disease samples", cells)
     cells = harmonise(cells, cfg.harmonisation)
     train, val = split_validation(cells, cfg.val_studies)
@@ -208,7 +211,8 @@ def _query(store: CellArrStore, cfg: SelectionConfig) -> pd.DataFrame:
             f"cell_metadata of {store.uri} lacks the column(s) {missing} that training needs "
             f"(label, study, sample); it has {available}. Name the right columns with "
             "--label_id_column / --study_column / --sample_column, or rebuild the store with "
-            "bin/build_store.py.")
+            "bin/build_store.py (with the cellarr package: pass build_cellarrdataset a "
+            "cell_metadata frame holding these columns).")
     frame = store.query_cells(cfg.condition(), wanted)
     frame = frame.rename(columns={cfg.label_column: LABEL_ID, cfg.study_column: STUDY,
                                   cfg.sample_column: SAMPLE})
@@ -231,21 +235,59 @@ def exclude_samples(cells: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> pd
     return cells[~keys.isin(drop)]
 
 
+def exclude_disease_samples(cells: pd.DataFrame, store: CellArrStore,
+                            cfg: SelectionConfig) -> pd.DataFrame:
+    """Step 2c: drop the cells of samples whose ``sample_metadata`` disease names a keyword.
+
+    Samples are found by (study, sample) when ``sample_metadata`` has the study and sample
+    columns (stores of bin/build_store.py), else by ``cellarr_sample`` when both frames have
+    it (stores built by the ``cellarr`` package, one sample per input file). Without a disease
+    column, or without either link, one warning says that nothing was excluded and why.
+    """
+    if not cfg.disease_keywords:
+        return cells
+    available = store.columns("sample_metadata")
+    pairs = [cfg.study_column, cfg.sample_column]
+    if cfg.disease_column not in available:
+        warnings.warn(
+            f"sample_metadata of {store.uri} has no '{cfg.disease_column}' column (it has "
+            f"{available}): no sample is excluded for disease. Give the samples a disease "
+            "column (bin/build_store.py --disease-column, or cellarr's sample_metadata=...), "
+            "or list samples to exclude with --exclude_samples_file.", stacklevel=3)
+        return cells
+    if all(c in available for c in pairs):
+        return exclude_samples(cells, disease_samples(store, cfg))
+    if CELLARR_SAMPLE in available and CELLARR_SAMPLE in store.columns("cell_metadata"):
+        samples = store.read_frame("sample_metadata", [CELLARR_SAMPLE, cfg.disease_column])
+        hit = samples.loc[_names_keyword(samples[cfg.disease_column], cfg), CELLARR_SAMPLE]
+        if hit.empty:
+            return cells
+        owner = store.read_frame("cell_metadata", [CELLARR_SAMPLE])[CELLARR_SAMPLE]
+        drop = owner.index[owner.isin(set(hit))]
+        return cells[~cells.index.isin(drop)]
+    warnings.warn(
+        f"sample_metadata of {store.uri} has a '{cfg.disease_column}' column but neither the "
+        f"columns {pairs} nor '{CELLARR_SAMPLE}' (in both frames) to find the cells of a "
+        "sample: no sample is excluded for disease. List samples to exclude with "
+        "--exclude_samples_file.", stacklevel=3)
+    return cells
+
+
 def disease_samples(store: CellArrStore, cfg: SelectionConfig) -> list[tuple[str, str]]:
-    """Step 2c: (study, sample) pairs whose ``sample_metadata`` disease names a keyword."""
+    """(study, sample) pairs whose ``sample_metadata`` disease names a keyword (needs the
+    study, sample and disease columns there)."""
     if not cfg.disease_keywords:
         return []
-    samples = store.sample_metadata()
-    needed = [cfg.study_column, cfg.sample_column, cfg.disease_column]
-    if any(c not in samples.columns for c in needed):
-        warnings.warn(
-            f"sample_metadata of {store.uri} lacks {[c for c in needed if c not in samples]}: "
-            "disease samples are not excluded", stacklevel=3)
-        return []
-    disease = samples[cfg.disease_column].astype(str).str.lower()
-    pattern = "|".join(k.lower() for k in cfg.disease_keywords)
-    hit = samples[disease.str.contains(pattern, regex=True)]
+    # Only the needed columns: read_frame drops rows with a missing value in any column read.
+    samples = store.read_frame("sample_metadata",
+                               [cfg.study_column, cfg.sample_column, cfg.disease_column])
+    hit = samples[_names_keyword(samples[cfg.disease_column], cfg)]
     return list(zip(hit[cfg.study_column].astype(str), hit[cfg.sample_column].astype(str)))
+
+
+def _names_keyword(disease: pd.Series, cfg: SelectionConfig) -> pd.Series:
+    pattern = "|".join(k.lower() for k in cfg.disease_keywords)
+    return disease.astype(str).str.lower().str.contains(pattern, regex=True)
 
 
 def harmonise(cells: pd.DataFrame, table: Mapping[str, str]) -> pd.DataFrame:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import tiledb
+
+from scimtrain.condition import ENUM, NUMBER, TEXT, ConditionError, plan_condition
 
 COUNTS_LOCATIONS = ("counts", "assays/counts")
 FRAMES = ("cell_metadata", "gene_annotation", "sample_metadata")
@@ -86,7 +88,7 @@ class CellArrStore:
         self.n_cells = self._frame_rows("cell_metadata")
         self.n_genes = self._frame_rows("gene_annotation")
         if counts_extent is not None:
-            (c0, c1), (g0, g1) = counts_extent
+            (_, c1), (_, g1) = counts_extent
             if int(c1) >= self.n_cells or int(g1) >= self.n_genes:
                 raise StoreError(
                     f"{self.counts_uri} holds cells up to {c1} and genes up to {g1}, but "
@@ -222,6 +224,13 @@ class CellArrStore:
     def _query_frame(
         self, frame: str, condition: str | None, columns: Sequence[str] | None
     ) -> pd.DataFrame:
+        """Rows of a frame satisfying ``condition``, text decoded to ``str`` (the one place that
+        decodes), rows with a missing value in ``columns`` dropped.
+
+        The parts of the condition that compare a text column with a number (cellarr writes
+        every column as ``ascii`` by default) are evaluated on the decoded column with its text
+        parsed as numbers (:mod:`scimtrain.condition`); TileDB evaluates the rest.
+        """
         uri = join_uri(self.uri, frame)
         with self._open(uri) as arr:
             schema = arr.schema
@@ -234,26 +243,49 @@ class CellArrStore:
                     f"{frame} of {self.uri} has no column(s) {unknown}; it has {available}. "
                     "Pass the right column names (e.g. --label_id_column / --study_column)."
                 )
+            try:
+                plan = plan_condition(condition, column_kinds(schema), read=columns)
+            except ConditionError as exc:
+                raise self._condition_error(condition, frame, available, str(exc)) from exc
+            read = list(dict.fromkeys([*columns, *plan.columns]))
             row_dim = schema.domain.dim(0).name
             try:
-                raw = arr.query(cond=condition, attrs=list(columns),
-                                dims=[row_dim]).multi_index[:]
-            except tiledb.TileDBError as exc:
-                raise StoreError(
-                    f"TileDB could not evaluate the condition {condition!r} on {frame} of "
-                    f"{self.uri}: {_first_line(exc)}. Conditions use column names, quoted "
-                    f"strings and and/or, e.g. \"total_counts>1000 and label!='nan'\"; "
-                    f"the columns are {available}."
-                ) from exc
+                raw = arr.query(cond=plan.tiledb, attrs=read, dims=[row_dim]).multi_index[:]
+            except (tiledb.TileDBError, TypeError, ValueError) as exc:
+                raise self._condition_error(condition, frame, available,
+                                            _first_line(exc)) from exc
             fills = {c: schema.attr(c).fill for c in columns}
         rows = np.asarray(raw[row_dim], dtype=np.int64)
-        data = {c: raw[c] for c in columns}
+        data = {c: self._decoded(raw[c], frame, c) for c in read}
         keep = np.ones(len(rows), dtype=bool)
         for c in columns:
             keep &= ~_missing(data[c], fills[c])
+        if plan.python is not None:
+            # Only rows TileDB kept (the others come back as fill values): fewer to parse.
+            try:
+                keep[keep] = plan.evaluate({c: data[c][keep] for c in plan.columns})
+            except ConditionError as exc:
+                raise self._condition_error(condition, frame, available, str(exc)) from exc
         index = pd.Index(rows[keep], name="cell_index" if frame == "cell_metadata" else None)
         out = pd.DataFrame({c: data[c][keep] for c in columns}, index=index)
         return out.sort_index()
+
+    def _condition_error(self, condition: str | None, frame: str, available: list[str],
+                         reason: str) -> StoreError:
+        return StoreError(
+            f"could not evaluate the condition {condition!r} on {frame} of "
+            f"{self.uri}: {reason}. Conditions use column names, quoted strings and "
+            f"and/or, e.g. \"total_counts>1000 and label!='nan'\"; the columns are {available}."
+        )
+
+    def _decoded(self, values: np.ndarray, frame: str, column: str) -> np.ndarray:
+        try:
+            return decode_text(values)
+        except UnicodeDecodeError as exc:
+            raise StoreError(
+                f"column '{column}' of {frame} of {self.uri} holds {exc.object!r}, which is "
+                "not UTF-8 text; rewrite the column as UTF-8 (or ascii)."
+            ) from exc
 
     # ------------------------------------------------------------------ counts
 
@@ -331,6 +363,44 @@ def coalesce_ranges(sorted_unique: np.ndarray) -> np.ndarray:
     starts = np.concatenate(([values[0]], values[breaks + 1]))
     ends = np.concatenate((values[breaks], [values[-1]]))
     return np.stack([starts, ends], axis=1)
+
+
+def column_kinds(schema: tiledb.ArraySchema) -> dict[str, str]:
+    """Each attribute of a frame schema and its kind for conditions: ``TEXT`` (``ascii`` or
+    UTF-8), ``ENUM`` (an enumeration, whatever its values) or ``NUMBER``."""
+    kinds = {}
+    for i in range(schema.nattr):
+        attr = schema.attr(i)
+        if attr.enum_label is not None:
+            kinds[attr.name] = ENUM
+        elif attr.isascii or attr.dtype.kind in "SUO":
+            kinds[attr.name] = TEXT
+        else:
+            kinds[attr.name] = NUMBER
+    return kinds
+
+
+def decode_text(values: np.ndarray) -> np.ndarray:
+    """A column as TileDB returns it, with text as an object array of ``str``.
+
+    TileDB returns ``ascii`` attributes as ``bytes``, UTF-8 ones as ``str`` and enumerations as
+    a fixed-width unicode array; numbers pass through unchanged. Null strings (``'\\x00'``)
+    stay ``'\\x00'``, so that :func:`_missing` still sees them.
+
+    Raises:
+        UnicodeDecodeError: a value is not UTF-8.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind == "U":
+        return values.astype(object)
+    if values.dtype.kind == "S":
+        values = values.astype(object)
+    if values.dtype.kind != "O" or values.size == 0 or not isinstance(values[0], bytes):
+        return values
+    # Labels, studies and samples repeat few distinct values: decode each one once.
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    decoded = np.array([u.decode("utf-8") for u in uniques], dtype=object)
+    return decoded[codes]
 
 
 def _is_sorted(values: np.ndarray) -> bool:

@@ -1,4 +1,4 @@
-"""Training checkpoints that are never half-written, and the SCimilarity model folder.
+"""Training checkpoints that are never half-written.
 
 A checkpoint is a folder ``checkpoints/step-00000123/`` holding ``trainer.pt`` (model,
 optimiser, scheduler, grad scaler, counters: written by the main process) and one
@@ -11,23 +11,22 @@ arbitrary objects.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+import warnings
+from typing import Any, Mapping
 
 import numpy as np
-import pandas as pd
 import torch
-from torch import nn
 
-from scimtrain.model import encoder_layer_sizes
+from scimtrain.atomic import fsync_dir, fsync_file, remove, temporary_sibling, written_aside
 
 _NAME = re.compile(r"^step-(\d{8,})$")
+# The weights with the best validation metric so far, in the run folder (state_dict only).
+BEST_WEIGHTS = "best_model.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -52,12 +51,12 @@ class CheckpointFolder:
         return self.folder / f"step-{step:08d}"
 
     def temporary(self, step: int) -> Path:
-        return self.folder / f".tmp-step-{step:08d}"
+        return temporary_sibling(self.path(step))
 
     def begin(self, step: int) -> Path:
         """Main process: a fresh temporary folder for the checkpoint of ``step``."""
         tmp = self.temporary(step)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         tmp.mkdir(parents=True)
         return tmp
 
@@ -67,7 +66,7 @@ class CheckpointFolder:
         if final.exists():  # the same step saved twice (epoch end right after a step save)
             shutil.rmtree(final)
         os.replace(self.temporary(step), final)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         for old in self.complete()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for leftover in self.folder.glob(".tmp-step-*"):
@@ -87,24 +86,73 @@ class CheckpointFolder:
         done = self.complete()
         return done[-1] if done else None
 
+    def load_latest(self, rank: int) -> tuple[Path, dict, dict] | None:
+        """The newest checkpoint that loads: ``(path, trainer.pt, rank-R.pt)``, or None.
+
+        A checkpoint whose files cannot be read (truncated by a full disk, damaged) is passed
+        over with a warning naming it and the one used instead.
+
+        Raises:
+            CheckpointError: checkpoints exist but none of them loads.
+        """
+        candidates = self.complete()[::-1]
+        failed: list[str] = []
+        for path in candidates:
+            try:
+                loaded = load_checkpoint(path, rank)
+            except CheckpointError as exc:
+                failed.append(f"{path.name} ({exc})")
+                continue
+            if failed:
+                warnings.warn(f"checkpoint(s) {'; '.join(failed)} could not be read; resuming "
+                              f"from {path} instead", stacklevel=2)
+            return (path, *loaded)
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint in {self.folder} can be read: {'; '.join(failed)}. Start over "
+                "with --resume none (or remove the folder)")
+        return None
+
+
+def load_checkpoint(path: str | os.PathLike, rank: int) -> tuple[dict, dict]:
+    """``(trainer.pt, rank-R.pt)`` of one checkpoint folder.
+
+    Raises:
+        CheckpointError: a file is missing or cannot be read.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a folder like "
+                              "checkpoints/step-00000100, --resume auto or --resume none")
+    return load_file(path / "trainer.pt"), load_file(path / f"rank-{rank}.pt")
+
+
+def save_best(run_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write the best weights so far to ``run_dir/best_model.pt``, never half-written."""
+    final = Path(run_dir) / BEST_WEIGHTS
+    with written_aside(final, replace=True) as tmp:
+        save_file(dict(state_dict), tmp)
+    return final
+
 
 def save_file(obj: Any, path: Path) -> None:
     """``torch.save`` then fsync: the bytes are on disk before the folder is renamed."""
     with open(path, "wb") as handle:
         torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    fsync_file(path)
 
 
 def load_file(path: str | os.PathLike) -> Any:
     """Load a checkpoint file safely (tensors and plain containers only)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint file {path} is missing") from exc
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
     except Exception as exc:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint file {path}: {exc}. Resume from another "
-                              "checkpoint (--resume PATH) or start over (--resume none)") from exc
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint file {path}: {reason}. Resume from "
+                              "another checkpoint (--resume PATH) or start over (--resume none)"
+                              ) from None
 
 
 def rng_state(generator: torch.Generator | None) -> dict:
@@ -133,71 +181,3 @@ def set_rng_state(state: Mapping, generator: torch.Generator | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- model folder
-
-
-def write_atomically(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling folder, then rename it to ``folder`` (which must not exist)."""
-    folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"{folder} already exists")
-    tmp = folder.parent / f".tmp-{folder.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    os.replace(tmp, folder)
-    return folder
-
-
-def write_model_folder(folder: str | os.PathLike, encoder: nn.Module, decoder: nn.Module, *,
-                       gene_order: list[str], int2label: Mapping[int, str],
-                       hyperparameters: Mapping[str, Any], metadata: Mapping[str, Any],
-                       train_cells: pd.DataFrame | None = None,
-                       val_cells: pd.DataFrame | None = None) -> Path:
-    """Write SPEC §7's model folder, loadable by ``scimilarity.CellEmbedding(folder)``.
-
-    ``encoder.ckpt``/``decoder.ckpt`` hold ``{"state_dict": ...}``; ``layer_sizes.json`` the
-    encoder's parameter shapes; ``gene_order.tsv`` one symbol per line; ``label_ints.csv`` the
-    int → label-name Series (``read_csv(index_col=0)["0"]``); ``hyperparameters.json``,
-    ``metadata.json`` and the selected cells. Written atomically.
-    """
-
-    def fill(tmp: Path) -> None:
-        torch.save({"state_dict": _cpu_state(encoder)}, tmp / "encoder.ckpt")
-        torch.save({"state_dict": _cpu_state(decoder)}, tmp / "decoder.ckpt")
-        (tmp / "layer_sizes.json").write_text(json.dumps(encoder_layer_sizes(encoder), indent=2))
-        (tmp / "gene_order.tsv").write_text("".join(f"{g}\n" for g in gene_order))
-        write_label_ints(int2label, tmp / "label_ints.csv")
-        (tmp / "hyperparameters.json").write_text(json.dumps(dict(hyperparameters), indent=2))
-        (tmp / "metadata.json").write_text(json.dumps(dict(metadata), indent=2, default=str))
-        if train_cells is not None:
-            train_cells.to_csv(tmp / "train_cells.csv.gz")
-        if val_cells is not None:
-            val_cells.to_csv(tmp / "val_cells.csv.gz")
-
-    return write_atomically(folder, fill)
-
-
-def write_label_ints(int2label: Mapping[int, str], path: str | os.PathLike) -> None:
-    """SCimilarity's ``label_ints.csv``: the int → label-name Series, read back with
-    ``pd.read_csv(path, index_col=0)["0"]``."""
-    pd.Series(dict(int2label), name="0").sort_index().to_csv(path, quoting=csv.QUOTE_NONNUMERIC)
-
-
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
-import os
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -34,14 +36,33 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from scimtrain import runlock
 from scimtrain.checkpoint import (
     CheckpointError,
     CheckpointFolder,
-    load_file,
+    load_checkpoint,
     rng_state,
+    save_best,
     save_file,
     set_rng_state,
 )
+
+# Signals a cluster sends before it kills a job: finish the step, checkpoint, exit.
+PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1")
+                           if hasattr(signal, name))
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a preemption signal after writing a checkpoint.
+
+    ``signum`` is the signal, ``checkpoint`` the folder written, ``step`` the last step.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None, step: int) -> None:
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        where = f"; checkpoint {checkpoint}" if checkpoint else " (no run folder: no checkpoint)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}{where}. "
+                         "Run the same command again to continue from it.")
 
 
 @dataclass(frozen=True)
@@ -67,12 +88,13 @@ class TrainerConfig:
     validate_every: int = 1
     best_metric: str = "evaluation_metric"
     progress: bool = True
+    log_every: int = 10
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, not "
                              f"{self.mixed_precision!r}")
-        for name in ("max_epochs", "validate_every", "keep_checkpoints"):
+        for name in ("max_epochs", "validate_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.checkpoint_every < 0 or self.cosine_annealing_tmax < 0:
@@ -199,6 +221,9 @@ class Trainer:
         self.writer: SummaryWriter | None = None
         self.timer = SectionTimer(self.device)
         self._batches_digest = hashlib.sha256()
+        self._pending: list[dict[str, Any]] = []
+        self._signal: int | None = None
+        self._stop_agreed = False
 
     # ------------------------------------------------------------------ the loop
 
@@ -211,7 +236,24 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def fit(self) -> list[dict]:
-        """Train to ``max_epochs``; returns the validation history (one dict per validation)."""
+        """Train to ``max_epochs``; returns the validation history (one dict per validation).
+
+        Raises:
+            runlock.RunLockedError: another live run trains in the same run folder.
+            TrainingInterrupted: a preemption signal (SIGTERM, SIGUSR1) arrived; the step in
+                progress was finished and a checkpoint written.
+        """
+        if self.run_dir and self.is_main:
+            runlock.acquire(self.run_dir)
+        try:
+            with self._preemption_handlers():
+                return self._fit()
+        finally:
+            self._close_writer()
+            if self.run_dir and self.is_main:
+                runlock.release(self.run_dir)
+
+    def _fit(self) -> list[dict]:
         self._resume()
         cfg, state = self.config, self.state
         steps_per_epoch = _length(self.train_data)
@@ -223,28 +265,33 @@ class Trainer:
             while state.epoch < cfg.max_epochs:
                 bar.set_description(f"epoch {state.epoch}")
                 self.model.train()
-                for batch, waited in self._batches(self.train_data, state.epoch, state.consumed):
-                    self._batches_digest.update(_fingerprint(batch))
-                    metrics = self._train_step(batch, waited)
+                # A checkpoint taken on an epoch's last step resumes at the epoch's end.
+                finished = steps_per_epoch is not None and state.consumed >= steps_per_epoch
+                batches = () if finished else self._batches(self.train_data, state.epoch,
+                                                            state.consumed)
+                for batch, waited in batches:
+                    self._pending.append(self._train_step(batch, waited))
                     state.step += 1
                     state.consumed += 1
-                    self._log("train", metrics, state.step)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}",
-                                    cells_s=f"{metrics.get('cells_per_s', 0):,.0f}")
                     bar.update()
+                    if state.step % cfg.log_every == 0 or state.consumed == steps_per_epoch:
+                        self._flush(bar)
                     if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
+                    self._stop_if_signalled()
+                self._flush(bar)
                 self.scheduler.step()
                 state.epoch += 1
                 state.consumed = 0
                 if self.val_data is not None and state.epoch % cfg.validate_every == 0:
                     self._record_validation(self.validate(state.epoch - 1))
                 self.save_checkpoint()
-        self._close_writer()
+                self._stop_if_signalled()
         self.accelerator.wait_for_everyone()
         return state.history
 
-    def _train_step(self, batch: Any, waited: float) -> dict[str, float]:
+    def _train_step(self, batch: Any, waited: float) -> dict[str, Any]:
+        """One optimiser step; its metrics stay on the device (see :meth:`_flush`)."""
         self.timer.reset()
         started = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
@@ -256,14 +303,68 @@ class Trainer:
             self.accelerator.backward(loss)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        values = self._reduce({"loss": loss.detach(), **metrics, "lr": lr})
+        values = {"loss": loss.detach(), **metrics, "lr": lr}
         step_time = time.perf_counter() - started + waited
         values.update({f"time/{k}": v for k, v in self.timer.seconds.items()})
         values.update({"time/data_wait": waited, "time/step": step_time})
         cells = values.pop("cells", None)
         if cells is not None:
-            values["cells_per_s"] = cells * self.accelerator.num_processes / step_time
-        return values
+            values["cells_per_s"] = float(cells) * self.accelerator.num_processes / step_time
+        return {"step": self.state.step + 1, **values}
+
+    def _flush(self, bar: tqdm | None = None) -> None:
+        """Log the pending steps' metrics: one device transfer and one collective for all of
+        them (and the ranks' preemption flags, so that every rank stops at the same step)."""
+        pending, self._pending = self._pending, []
+        if not pending and self.accelerator.num_processes == 1:
+            return
+        names = sorted({k for values in pending for k in values if k != "step"})
+        table = _metric_table(pending, names, self.device)
+        flag = torch.tensor([[float(self._signal is not None)]], dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            # One collective: the metrics' mean and the number of signalled ranks.
+            both = torch.cat([table.reshape(-1), flag.reshape(-1)]).to(self.device)
+            world = self.accelerator.num_processes
+            both = self.accelerator.reduce(both, reduction="sum") / world
+            table, flag = both[:-1].reshape(table.shape), both[-1:] * world
+        table, flag = table.cpu(), flag.cpu()
+        self._stop_agreed = flag.item() > 0
+        for values, row in zip(pending, table.tolist()):
+            metrics = dict(zip(names, row))
+            self._log("train", metrics, values["step"])
+        if pending and bar is not None:
+            last = dict(zip(names, table[-1].tolist()))
+            bar.set_postfix(loss=f"{last['loss']:.4g}",
+                            cells_s=f"{last.get('cells_per_s', 0):,.0f}")
+
+    @contextmanager
+    def _preemption_handlers(self) -> Iterator[None]:
+        """While training, SIGTERM/SIGUSR1 only raise a flag that the loop acts on."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum: int, _frame: Any) -> None:
+            self._signal = signum
+
+        previous = {s: signal.signal(s, note) for s in PREEMPTION_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_if_signalled(self) -> None:
+        """After a step: when a preemption signal arrived, checkpoint and stop. With several
+        ranks the decision is the one all ranks reached at the last flush."""
+        if self.accelerator.num_processes > 1:
+            if not self._stop_agreed:
+                return
+        elif self._signal is None:
+            return
+        self._flush()
+        path = self.save_checkpoint()
+        raise TrainingInterrupted(self._signal or PREEMPTION_SIGNALS[0], path, self.state.step)
 
     @torch.no_grad()
     def validate(self, epoch: int | None = None, data: Iterable | None = None) -> dict[str, float]:
@@ -317,6 +418,8 @@ class Trainer:
                 batch = next(iterator)
             except StopIteration:
                 return
+            if data is self.train_data:  # on the host, before the transfer: no device sync
+                self._batches_digest.update(_fingerprint(batch))
             batch = send_to_device(batch, self.device, non_blocking=True)
             batch = _densify(batch)
             yield batch, time.perf_counter() - began
@@ -337,10 +440,8 @@ class Trainer:
         score = metrics.get(self.config.best_metric)
         if score is not None and score < state.best:
             state.best = score
-            if self.run_dir and self.is_main:  # the best weights so far, written atomically
-                tmp = self.run_dir / ".best_model.pt.tmp"
-                save_file(self.raw_model.state_dict(), tmp)
-                os.replace(tmp, self.run_dir / "best_model.pt")
+            if self.run_dir and self.is_main:
+                save_best(self.run_dir, self.raw_model.state_dict())
 
     def _open_writer(self) -> None:
         if self.run_dir and self.is_main and self.writer is None:
@@ -399,22 +500,27 @@ class Trainer:
         return path or self.checkpoints.path(step)
 
     def _signature(self) -> dict:
-        """Settings a resumed run must share with the checkpoint's run."""
+        """Settings a resumed run must share with the checkpoint's run: the loop's and every
+        entry of ``hparams`` (the data settings among them), as plain JSON values."""
         cfg = self.config
-        return {"seed": cfg.seed, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+        loop = {"seed": cfg.seed, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                 "max_epochs": cfg.max_epochs, "tmax": cfg.tmax(),
-                "mixed_precision": cfg.mixed_precision, **{
-                    k: v for k, v in self.hparams.items() if isinstance(v, (int, float, str))}}
+                "mixed_precision": cfg.mixed_precision}
+        return json.loads(json.dumps({**loop, **self.hparams}, default=str))
 
     def _resume(self) -> None:
         resume = self.config.resume
         if resume == "none" or (resume == "auto" and self.checkpoints is None):
             return
-        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        shared = load_file(path / "trainer.pt")
         acc = self.accelerator
+        if resume == "auto":
+            found = self.checkpoints.load_latest(acc.process_index)
+            if found is None:
+                return
+            path, shared, own = found
+        else:
+            path = Path(resume)
+            shared, own = load_checkpoint(path, acc.process_index)
         if shared["world_size"] != acc.num_processes:
             raise CheckpointError(
                 f"checkpoint {path} was written by {shared['world_size']} processes; this run "
@@ -423,11 +529,11 @@ class Trainer:
         now = self._signature()
         differ = {k: (v, now.get(k)) for k, v in shared["signature"].items() if now.get(k) != v}
         if differ:
+            listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now"
+                               for k, (a, b) in sorted(differ.items()))
             raise CheckpointError(
-                f"checkpoint {path} belongs to a run with other settings "
-                f"(setting: (checkpoint, now)) {differ}; use the same settings, another "
-                "--suffix, or --resume none")
-        own = load_file(path / f"rank-{acc.process_index}.pt")
+                f"checkpoint {path} belongs to a run with other settings ({listed}); use the "
+                "same settings, another --suffix, or --resume none")
         self.raw_model.load_state_dict(shared["model"])
         self.optimizer.load_state_dict(shared["optimizer"])
         self.scheduler.load_state_dict(shared["scheduler"])
@@ -462,6 +568,26 @@ def _fingerprint(batch: Any) -> bytes:
         if parts:
             return b"".join(t.detach().cpu().numpy().tobytes() for t in parts)
     return repr(getattr(batch, "shape", type(batch))).encode()
+
+
+def _metric_table(pending: list[dict[str, Any]], names: list[str],
+                  device: torch.device) -> torch.Tensor:
+    """Steps × metrics, float64, on the CPU, with one transfer from the device: values that
+    are device tensors are stacked there first; host numbers never go to the device."""
+    on_device = [n for n in names if any(isinstance(v.get(n), torch.Tensor) for v in pending)]
+    table = torch.full((len(pending), len(names)), math.nan, dtype=torch.float64)
+    if on_device and pending:
+        stacked = torch.stack([torch.stack([
+            v[n].detach().reshape(()).to(torch.float64) if isinstance(v.get(n), torch.Tensor)
+            else torch.tensor(float(v.get(n, math.nan)), dtype=torch.float64, device=device)
+            for n in on_device]) for v in pending]).cpu()
+        for j, n in enumerate(on_device):
+            table[:, names.index(n)] = stacked[:, j]
+    for i, values in enumerate(pending):
+        for j, n in enumerate(names):
+            if n not in on_device and n in values:
+                table[i, j] = float(values[n])
+    return table
 
 
 def _length(data: Iterable) -> int | None:

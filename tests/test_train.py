@@ -304,11 +304,13 @@ open(f"{sys.argv[1]}/rank{rank}.json", "w").write(json.dumps(out))
 
 
 def test_bad_flags_are_named(capsys):
-    for argv, message in [(["-b", "0"], "--batch_size must be at least 1"),
-                          (["--margin", "-1"], "--margin must be > 0"),
+    for argv, message in [(["-b", "0"], "batch_size must be at least 1"),
+                          (["--margin", "-1"], "margin must be > 0"),
                           (["-t", "nearest"], "invalid choice: 'nearest'"),
-                          (["--gene_order", "/no/such/file"], "--gene_order /no/such/file"),
-                          (["--dropout", "1.5"], "--dropout must be in")]:
+                          (["--gene_order", "/no/such/file"],
+                           "gene_order /no/such/file: no such file"),
+                          (["--dropout", "1.5"], "dropout must be below 1"),
+                          (["-b", "64.7"], "batch_size must be an integer, got '64.7'")]:
         with pytest.raises(SystemExit):
             parse_args(["--tiledb", "x"] + argv)
         assert message in capsys.readouterr().err

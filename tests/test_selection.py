@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scimtrain.checkpoint import write_label_ints
+from scimtrain.model_folder import write_label_ints
 from scimtrain.ontology import CellOntology
 from scimtrain.selection import (
     MIN_GENE_ORDER_MATCH,
@@ -230,3 +230,42 @@ def test_selection_on_synthetic_store(tiny_store):
     assert len(sel.train) > 1000 and len(sel.val) > 100
     assert sel.train["sampling_weight"].gt(0).all()
     assert "study_04" in sel.studies
+
+
+def test_step2c_disease_by_cellarr_sample(tmp_path):
+    """sample_metadata as the cellarr package writes it: one row per input file, linked to the
+    cells by ``cellarr_sample``, no study/sample columns."""
+    rows = BASE + [(BCELL, "C", "c1", 3), (MONO, "C", "c1", 2)]
+    cells = cell_table(rows)
+    cells["cellarr_sample"] = ["sample_1"] * 11 + ["sample_2"] * 5  # A, B | C
+    samples = pd.DataFrame({"cellarr_sample": ["sample_1", "sample_2"],
+                            "cellarr_cell_counts": ["11", "5"],
+                            "disease": ["normal", "acute myeloid LEUKEMIA"]})
+    store = CellArrStore(hand_store(tmp_path / "s", cells, samples=samples))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the link is there: nothing to warn about
+        train = select_cells(store).train
+    assert set(train["study"]) == {"A", "B"}
+    assert len(train) == 11
+
+
+def test_step2c_without_disease_column_warns_once(tmp_path):
+    cells = cell_table(BASE)
+    cells["cellarr_sample"] = "sample_1"
+    samples = pd.DataFrame({"cellarr_sample": ["sample_1"], "cellarr_cell_counts": ["11"],
+                            "cellarr_original_gene_set": ["G0,G1"]})
+    store = CellArrStore(hand_store(tmp_path / "s", cells, samples=samples))
+    with pytest.warns(UserWarning) as caught:
+        sel = select_cells(store)
+    disease = [w for w in caught if "disease" in str(w.message)]
+    assert len(disease) == 1
+    assert "no 'disease' column" in str(disease[0].message)
+    assert "no sample is excluded" in str(disease[0].message)
+    assert len(sel.train) == 11
+    # A disease column but no way to find a sample's cells: said once too.
+    samples = pd.DataFrame({"name": ["x"], "disease": ["lymphoma"]})
+    store = CellArrStore(hand_store(tmp_path / "t", cell_table(BASE), samples=samples))
+    with pytest.warns(UserWarning, match=r"neither the columns \['datasetID', 'sampleID'\] nor "
+                                         "'cellarr_sample'") as caught:
+        assert len(select_cells(store).train) == 11
+    assert len([w for w in caught if "disease" in str(w.message)]) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import multiprocessing as mp
 import pickle
 
@@ -10,6 +11,15 @@ import pandas as pd
 import pytest
 import tiledb
 
+from scimtrain.condition import (
+    ENUM,
+    NUMBER,
+    TEXT,
+    ConditionError,
+    ConditionPlan,
+    parse_numbers,
+    plan_condition,
+)
 from scimtrain.store import CellArrStore, StoreError, coalesce_ranges
 from tests.conftest import hand_store, random_counts
 
@@ -233,3 +243,137 @@ def test_with_config_copies_without_touching_the_original(small):
     np.testing.assert_array_equal(tuned.read_rows([3]).toarray(), counts[[3]].toarray())
     assert tuned._context().config()["sm.compute_concurrency_level"] == "1"
     assert store._context() is not tuned._context()
+
+
+# --------------------------------------------------------------------------- text and numbers
+
+
+def _frame_store(tmp_path, frame: pd.DataFrame, column_types: dict | None = None) -> CellArrStore:
+    """A store whose cell_metadata is ``frame`` written by ``tiledb.from_pandas`` with the given
+    column types (as the cellarr package writes its frames)."""
+    uri = hand_store(tmp_path / "plain", frame)
+    import shutil
+
+    shutil.rmtree(f"{uri}/cell_metadata")
+    tiledb.from_pandas(f"{uri}/cell_metadata", frame, column_types=column_types)
+    return CellArrStore(uri)
+
+
+def _qc_frame(n: int = 200, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = _cells(n)
+    frame["total_counts"] = rng.integers(0, 3000, n).astype(np.float64)
+    frame["n_genes_by_counts"] = rng.integers(0, 1000, n)
+    frame["pct_counts_mt"] = np.round(rng.random(n) * 40, 3)
+    frame.loc[::5, "pct_counts_mt"] = 5.5
+    frame.loc[::17, "pct_counts_mt"] = np.nan  # written as the text 'nan'
+    frame["predicted_doublets"] = rng.integers(0, 2, n)
+    frame["cellTypeOntologyID"] = rng.choice(["CL:0000236", "nan", "CL:0009010"], n)
+    return frame
+
+
+CONDITIONS = [
+    "cellTypeOntologyID!='nan' and total_counts>1000 and n_genes_by_counts>500 and "
+    "pct_counts_mt<20 and predicted_doublets==0 and cellTypeOntologyID!='CL:0009010'",
+    "total_counts>=1000.5",
+    "1000 < total_counts",  # the column on the right, as TileDB accepts it
+    "500 <= n_genes_by_counts < 700",  # a chain
+    "predicted_doublets in [1] or pct_counts_mt > 30",
+    "n_genes_by_counts not in [3, 4, 5] and datasetID in ['s0', 's2']",
+    "(total_counts > 2000) & (pct_counts_mt != 5.5)",
+    "not (total_counts > 1500) and pct_counts_mt >= -1 and n_genes_by_counts > val(10)",
+    "attr('n_genes_by_counts') > 800 and cellTypeOntologyID == 'CL:0000236'",
+    "pct_counts_mt != 5.5",  # NaN != 5.5, as in TileDB
+    "pct_counts_mt == 5.5 or pct_counts_mt > 39",
+]
+
+
+@pytest.mark.parametrize("condition", CONDITIONS)
+def test_numbers_stored_as_text_select_as_numbers(tmp_path, condition):
+    """The same frame with every column ascii (cellarr's default) selects what TileDB selects
+    with numeric columns."""
+    frame = _qc_frame()
+    numeric = _frame_store(tmp_path / "n", frame)
+    text = _frame_store(tmp_path / "t", frame, {c: "ascii" for c in frame.columns})
+    wanted = ["cellTypeOntologyID", "datasetID", "sampleID"]
+    expected = numeric.query_cells(condition, wanted)
+    got = text.query_cells(condition, wanted)
+    assert 0 < len(expected) < len(frame)  # the condition selects something, not everything
+    pd.testing.assert_frame_equal(got, expected)
+
+
+def test_text_columns_come_back_as_str(tmp_path):
+    """ascii, UTF-8 and enumeration columns all read as plain str; null strings stay missing."""
+    frame = _cells(6)
+    frame["cellTypeOntologyID"] = ["CL:0000236", "\x00", "CL:0000576", "nan", "CL:0000236",
+                                   "CL:0000576"]
+    frame["tissue"] = pd.Categorical(["blood", "lung", "blood", "blood", "lung", "lung"])
+    store = _frame_store(tmp_path / "a", frame,
+                         {"cellTypeOntologyID": "ascii", "datasetID": "ascii", "sampleID": str})
+    got = store.query_cells(None, ["cellTypeOntologyID", "datasetID", "tissue"])
+    assert got.index.tolist() == [0, 2, 3, 4, 5]  # the null string is missing
+    for column in got.columns:
+        assert all(type(v) is str for v in got[column]), column
+    assert got["cellTypeOntologyID"].tolist() == ["CL:0000236", "CL:0000576", "nan",
+                                                  "CL:0000236", "CL:0000576"]
+    assert got["tissue"].tolist() == ["blood", "blood", "blood", "lung", "lung"]
+    # tiledb-py cannot return an enumeration under a condition (it decodes the codes of the
+    # rows filtered out); the condition is then evaluated on the decoded columns.
+    lung = store.query_cells("tissue == 'lung' and total_counts > 100", ["tissue", "datasetID"])
+    assert lung.index.tolist() == [4, 5] and lung["datasetID"].tolist() == ["s1", "s2"]
+
+
+def test_gene_symbols_and_sample_metadata_are_str(tmp_path):
+    uri = hand_store(tmp_path / "g", _cells(10), genes=["MT-CO1", "CD3E", "HLA-A"] + [
+        f"G{i}" for i in range(17)])
+    import shutil
+
+    for frame, table in (("gene_annotation", None), ("sample_metadata", None)):
+        table = CellArrStore(uri).read_frame(frame).reset_index(drop=True)
+        shutil.rmtree(f"{uri}/{frame}")
+        tiledb.from_pandas(f"{uri}/{frame}", table, column_types={c: "ascii" for c in table})
+    store = CellArrStore(uri)
+    assert store.gene_symbols[:3].tolist() == ["MT-CO1", "CD3E", "HLA-A"]
+    assert all(type(g) is str for g in store.gene_symbols)
+    samples = store.sample_metadata()
+    assert samples["disease"].tolist() == ["normal"] * 3
+    assert all(type(v) is str for v in samples["datasetID"])
+
+
+def test_text_that_is_not_a_number_is_a_clear_error(tmp_path):
+    frame = _qc_frame(20)
+    frame["total_counts"] = frame["total_counts"].astype(object)
+    frame.loc[7, "total_counts"] = "12k"
+    store = _frame_store(tmp_path, frame, {c: "ascii" for c in frame.columns})
+    with pytest.raises(StoreError, match=r"column 'total_counts' .* holds '12k', which is not a "
+                                         r"number"):
+        store.query_cells("total_counts > 1000", ["datasetID"])
+    # Text compared with text stays with TileDB and needs no numbers.
+    assert len(store.query_cells("total_counts != '12k'", ["datasetID"])) == 19
+
+
+def test_plan_keeps_what_tiledb_can_evaluate_in_tiledb():
+    kinds = {"label": TEXT, "total_counts": TEXT, "pct": NUMBER, "tissue": ENUM}
+    plan = plan_condition("label != 'nan' and total_counts > 1000 and pct < 20", kinds,
+                          read=["label"])
+    assert plan.tiledb == "(label != 'nan') and (pct < 20)"
+    assert ast.unparse(plan.python) == "total_counts > 1000" and plan.columns == ("total_counts",)
+    # Nothing to do here: TileDB gets the condition unchanged, bad syntax included.
+    assert plan_condition("label != 'nan' and pct < 20", kinds) == ConditionPlan(
+        "label != 'nan' and pct < 20")
+    assert plan_condition("pct >>> 3", kinds) == ConditionPlan("pct >>> 3")
+    assert plan_condition("", kinds) == ConditionPlan(None)
+    # An enumeration read under a condition: all of it is evaluated on the decoded columns.
+    plan = plan_condition("label != 'nan' and pct < 20", kinds, read=["tissue"])
+    assert plan.tiledb is None and plan.columns == ("label", "pct")
+    with pytest.raises(ConditionError, match=r"no column of the frame: \['nope'\]"):
+        plan_condition("total_counts > 1 or nope > 2", kinds)
+
+
+def test_parse_numbers():
+    values = np.array(["1", " 2.5 ", "nan", "None", "", "\x00", "True", "false", "-1e3"],
+                      dtype=object)
+    np.testing.assert_array_equal(parse_numbers(values, "x"),
+                                  [1, 2.5, np.nan, np.nan, np.nan, np.nan, 1, 0, -1000])
+    with pytest.raises(ConditionError, match="column 'x' .* holds 'abc'"):
+        parse_numbers(np.array(["1", "abc"], dtype=object), "x")

@@ -91,6 +91,7 @@ class TrainingRun:
         """
         if self.model_dir.exists():
             read_model_folder(self.model_dir).load_into(self.trainer.raw_model)
+            self.trainer.state.epoch = self.config.max_epochs  # as after training: same draw
             if self.is_main:
                 print(f"model folder {self.model_dir} exists: running its test pass only")
         else:

@@ -1,28 +1,47 @@
 #!/usr/bin/env python
-"""Loader throughput on one store, three ways, in one run on the same cores.
+"""Loader throughput on one store, every way, in one run on the same cores.
 
-    python benchmarks/loader_throughput.py --store PATH [--workers 2] [--batches 40]
-        [--batch-size 1000] [--pool-batches 8]
+    python benchmarks/loader_throughput.py --store PATH [--workers 2] [--batches 100]
+        [--batch-size 1000] [--peers annbatch,scdl --peer-venv-dir DIR]
 
+References (kept from before the cache):
 (a) ceiling: a sequential scan of the counts array (TileDB's own threads): as many cells as
-    (c) delivers, from a random start, in contiguous blocks of one pool (batch-size x
-    pool-batches cells) through the same read path (``read_rows``);
+    one timed run delivers, from a random start, in contiguous blocks of one pool
+    (batch-size x pool-batches cells) through the same read path (``read_rows``);
 (b) floor: SCimilarity's read pattern: per batch, weighted ``np.random.choice`` in the main
     process, then one random ``multi_index`` query of the batch's cells in a DataLoader worker
-    with TileDB single-threaded, COO -> CSR -> gene subset -> lognorm -> dense;
-(c) scimtrain's ``CellStream``: weighted sampling plan, pooled sorted reads, dense output.
+    with TileDB single-threaded, COO -> CSR -> gene subset -> lognorm -> dense.
 
-Prints cells/s of each, the ratios c/a and c/b, and the peak memory of (c) (this process and
-its workers, proportional set size, sampled). All three read the cells of the selection's training split.
+scimtrain (same sampling plan, same batches; DataLoader workers):
+- ``cache build``: ``TrainingCache.ensure`` of the selection (train, then validation) into a
+  fresh folder (``--cache-dir``, removed afterwards unless ``--keep-cache``): cells/s, wall
+  seconds, size on disk;
+- ``scimtrain tiledb dense``: ``CellStream`` reading pools from the store;
+- ``scimtrain cache dense`` / ``scimtrain cache csr``: ``CellStream`` gathering from the cache;
+- ``identical batches``: the first batches of the TileDB and the cache streams (dense and
+  CSR) compared bit for bit, labels and studies too;
+- memory per reading process besides the mapped cache (an untimed extra pass of the cache
+  stream: each process's resident memory minus its resident pages of the cache files).
+
+Peers (``--peers``, each in its own virtual environment, ``benchmarks/peers/``): the training
+cells exported once as an h5ad of raw counts, converted to the peer's format (timed apart,
+reused by later runs), then dense full-width log-normalised batches timed the same way.
+Output lines ``annbatch dense: N cells/s`` and ``bionemo-scdl dense: N cells/s``, then the
+ratios of the cache paths to the faster peer and to (b).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
+import tempfile
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pandas as pd
@@ -30,11 +49,20 @@ import psutil
 import scipy.sparse as sp
 import tiledb
 import torch
+from peers.runner import (
+    PeerResult,
+    data_key,
+    export_h5ad,
+    peer_names,
+    run_peer,
+    venv_python,
+)
 from torch.utils.data import DataLoader, Dataset
 
+from scimtrain.cache import TrainingCache, default_cache_dir
 from scimtrain.selection import SelectionConfig, select_cells
 from scimtrain.store import CellArrStore
-from scimtrain.stream import CellStream, CellTable, StreamConfig
+from scimtrain.stream import Batch, CellStream, CellTable, StreamConfig
 
 SINGLE_THREADED = {  # SCimilarity's collator config
     "sm.compute_concurrency_level": 1, "sm.io_concurrency_level": 1,
@@ -62,7 +90,7 @@ class PeakRSS:
             self.peak = max(self.peak, total)
             self._stop.wait(0.1)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -151,19 +179,127 @@ def scimilarity_pattern(store: CellArrStore, cells: pd.DataFrame, gene_indices: 
     return sum(x.shape[0] for x in loader)
 
 
-def scimtrain_stream(store: CellArrStore, cells: pd.DataFrame, gene_indices: np.ndarray,
-                     config: StreamConfig) -> int:
-    """(c)."""
-    stream = CellStream(store, CellTable.from_frame(cells), gene_indices, config)
-    return sum(batch.x.shape[0] for batch in stream)
+def stream_cells(stream: CellStream, keep: int, kept: list[Batch]) -> int:
+    """Iterates ``stream``; keeps its first ``keep`` batches (references, no copies) for the
+    bit-for-bit comparison. Returns the cells delivered."""
+    cells = 0
+    for batch in stream:
+        if len(kept) < keep:
+            kept.append(batch)
+        cells += batch.x.shape[0]
+    return cells
 
 
-def main(argv: list[str] | None = None) -> None:
+def same_batches(reference: list[Batch], other: list[Batch]) -> bool:
+    """Bit-for-bit equality of dense (or densified CSR) batches, labels and studies."""
+    if len(reference) != len(other) or not reference:
+        return False
+    for a, b in zip(reference, other):
+        xa = a.x.to_dense() if a.x.layout == torch.sparse_csr else a.x
+        xb = b.x.to_dense() if b.x.layout == torch.sparse_csr else b.x
+        if xa.shape != xb.shape or not torch.equal(xa.view(torch.int32), xb.view(torch.int32)):
+            return False
+        if not (torch.equal(a.labels, b.labels) and torch.equal(a.studies, b.studies)):
+            return False
+    return True
+
+
+class MemoryBesidesCache:
+    """Samples, every 50 ms, each process of this process tree: resident memory minus its
+    resident pages of files under ``cache_path`` (the mapped cache, shared through the page
+    cache). ``peak`` is the largest value any one process reached (bytes)."""
+
+    def __init__(self, cache_path: Path) -> None:
+        self.cache_path = str(cache_path)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _besides_cache(self, pid: int) -> int:
+        rss = cached = 0
+        in_cache = False
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                first = line.split(maxsplit=1)[0]
+                if "-" in first:  # a mapping's header: address range ... [path]
+                    in_cache = self.cache_path in line
+                elif first == "Rss:":
+                    kib = int(line.split()[1])
+                    rss += kib
+                    cached += kib if in_cache else 0
+        return (rss - cached) * 1024
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    self.peak = max(self.peak, self._besides_cache(process.pid))
+                except (OSError, ValueError, psutil.Error):
+                    continue  # a worker that just exited
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def verdict(value: float, target: float, above: bool = True) -> str:
+    met = value >= target if above else value < target
+    return f"target {'>=' if above else '<'} {target:g}: {'met' if met else 'NOT met'}"
+
+
+def run_peers(args: argparse.Namespace, store: CellArrStore, train: pd.DataFrame,
+              gene_indices: np.ndarray, gene_names: list[str]) -> list[PeerResult]:
+    """Exports the training cells once (reused while the store and selection are the same),
+    then runs each peer in its environment; prints one line per peer."""
+    names = peer_names(args.peers)
+    venv_dir = Path(args.peer_venv_dir).expanduser()
+    pythons = {name: venv_python(venv_dir, name) for name in names}  # fail before exporting
+    cells = train.index.to_numpy(np.int64)
+    work = Path(args.peer_data_dir).expanduser() / data_key(store, cells, gene_indices)
+    work.mkdir(parents=True, exist_ok=True)
+    h5ad = work / "cells.h5ad"
+    seconds = export_h5ad(store, cells, gene_indices, gene_names, h5ad)
+    print(f"peer data: {cells.size:,} training cells as raw counts in {h5ad} "
+          f"({human_bytes(h5ad.stat().st_size)}"
+          + (f", exported in {seconds:.1f} s)" if seconds is not None else ", reused)"))
+    results = []
+    for name in names:
+        result = run_peer(name, pythons[name], h5ad, work / name, batch_size=args.batch_size,
+                          batches=args.batches, workers=args.workers, seed=args.seed,
+                          target_sum=StreamConfig.target_sum)
+        convert = (f"conversion {result.convert_s:.1f} s" if result.convert_s is not None
+                   else "conversion reused")
+        print(f"{name} dense: {result.cells_per_s:,.0f} cells/s")
+        print(f"  ({name} {result.fields.get('version')}, {convert}; "
+              f"{result.fields.get('settings', '')})")
+        results.append(result)
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--pool-batches", type=int, default=StreamConfig.pool_batches)
     parser.add_argument("--prefetch-pools", type=int, default=StreamConfig.prefetch_pools)
@@ -175,42 +311,159 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiledb-memory-mb", type=int, default=StreamConfig.tiledb_memory_mb,
                         help="TileDB memory budget per reading process (sm.mem.total_budget)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", default="", help="comma list of a,b,c to skip")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the benchmark builds its cache, in a fresh subfolder "
+                             "(default: the training cache folder, "
+                             f"{default_cache_dir()})")
+    parser.add_argument("--build-workers", type=int, default=None,
+                        help="processes building the cache (default: one per core)")
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="keep the cache built for the benchmark")
+    parser.add_argument("--compare-batches", type=int, default=4,
+                        help="first batches compared bit for bit")
+    parser.add_argument("--peers", default="",
+                        help="comma list of peers to run too: annbatch, scdl")
+    parser.add_argument("--peer-venv-dir", default=os.environ.get("SCIMTRAIN_PEER_VENVS"),
+                        help="folder holding one virtual environment per peer "
+                             "(DIR/annbatch, DIR/bionemo-scdl; README 'Loader'); default "
+                             "$SCIMTRAIN_PEER_VENVS")
+    parser.add_argument("--peer-data-dir",
+                        default=str(Path.home() / ".cache" / "scimtrain" / "benchmark-peers"),
+                        help="where the exported h5ad and the peers' copies go (reused)")
+    parser.add_argument("--skip", default="",
+                        help="comma list of parts to skip: scan (a), scimilarity (b), tiledb, "
+                             "memory")
     args = parser.parse_args(argv)
+    if args.peers and not args.peer_venv_dir:
+        parser.error("--peers needs --peer-venv-dir (or $SCIMTRAIN_PEER_VENVS)")
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    skip = {{"a": "scan", "b": "scimilarity"}.get(s.strip(), s.strip())
+            for s in args.skip.split(",") if s.strip()}
     store = CellArrStore(args.store)
     selection = select_cells(store, SelectionConfig(filter_condition=args.filter))
-    train = selection.train
+    train, genes = selection.train, selection.gene_indices
     n = args.batches * args.batch_size
     print(f"store {args.store}: {store.n_cells:,} cells x {store.n_genes:,} genes, "
-          f"{len(train):,} training cells; {args.batches} batches x {args.batch_size}, "
-          f"{args.workers} workers, {os.cpu_count()} cores")
-    skip = set(args.skip.split(","))
-    results = {}
-    if "a" not in skip:
+          f"{len(train):,} training + {len(selection.val):,} validation cells, {genes.size:,} "
+          f"genes; {args.batches} batches x {args.batch_size}, {args.workers} workers, "
+          f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
+    results: dict[str, float] = {}
+    if "scan" not in skip:
         block = args.batch_size * args.pool_batches
-        results["a"] = timed(lambda: sequential_scan(store, n, block, args.seed))
-        print(f"(a) sequential scan           {results['a']:>10,.0f} cells/s")
-    if "b" not in skip:
-        results["b"] = timed(lambda: scimilarity_pattern(
-            store, train, selection.gene_indices, args.batch_size, args.batches, args.workers,
-            args.seed))
-        print(f"(b) SCimilarity read pattern  {results['b']:>10,.0f} cells/s")
-    config = StreamConfig(batch_size=args.batch_size, n_batches=args.batches,
-                          num_workers=args.workers, pool_batches=args.pool_batches,
-                          prefetch_pools=args.prefetch_pools, seed=args.seed,
-                          tiledb_threads=args.tiledb_threads,
-                          tiledb_memory_mb=args.tiledb_memory_mb)
-    with PeakRSS() as memory:
-        results["c"] = timed(lambda: scimtrain_stream(store, train, selection.gene_indices,
-                                                      config))
-    print(f"(c) scimtrain stream          {results['c']:>10,.0f} cells/s   "
-          f"(pool {args.pool_batches} batches, prefetch {args.prefetch_pools})")
-    if "a" in results:
-        print(f"c/a = {results['c'] / results['a']:.2f}")
-    if "b" in results:
-        print(f"c/b = {results['c'] / results['b']:.2f}")
-    print(f"peak memory during (c): {memory.peak / 2**30:.2f} GiB")
+        results["scan"] = timed(lambda: sequential_scan(store, n, block, args.seed))
+        print(f"(a) sequential scan (ceiling): {results['scan']:,.0f} cells/s")
+    if "scimilarity" not in skip:
+        results["scimilarity"] = timed(lambda: scimilarity_pattern(
+            store, train, genes, args.batch_size, args.batches, args.workers, args.seed))
+        print(f"(b) SCimilarity read pattern (floor): {results['scimilarity']:,.0f} cells/s")
+
+    root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix="loader-benchmark-", dir=root))
+    try:
+        cache_cells = np.concatenate([train.index.to_numpy(np.int64),
+                                      selection.val.index.to_numpy(np.int64)])
+        start = time.perf_counter()
+        cache = TrainingCache.ensure(store, cache_cells, genes, cache_dir=build_dir,
+                                     target_sum=StreamConfig.target_sum,
+                                     workers=args.build_workers, progress=sys.stderr.isatty(),
+                                     announce=lambda message: None)
+        build_s = time.perf_counter() - start
+        size = folder_bytes(cache.path)
+        results["build"] = cache.n_rows / build_s
+        print(f"cache build: {results['build']:,.0f} cells/s ({build_s:.1f} s, "
+              f"{human_bytes(size)})")
+        print(f"  ({cache.n_rows:,} rows, {cache.nnz / cache.n_rows:,.0f} non-zeros per row, "
+              f"{(size - 16 * cache.n_rows) / cache.nnz:.2f} bytes per non-zero, "
+              f"{cache.manifest.get('workers')} build processes)")
+        results.update(time_streams(args, store, train, genes, cache, skip))
+        if "memory" not in skip:
+            memory = memory_besides_cache(args, store, train, genes, cache)
+            results["memory_gib"] = memory / 2**30
+            print(f"memory per reading process besides the mapped cache: peak "
+                  f"{results['memory_gib']:.2f} GiB")
+    finally:
+        if not args.keep_cache:
+            shutil.rmtree(build_dir, ignore_errors=True)
+    peers = run_peers(args, store, train, genes, list(selection.gene_order)) \
+        if args.peers else []
+    print_ratios(results, peers)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+def stream_config(args: argparse.Namespace, output: str = "dense") -> StreamConfig:
+    return StreamConfig(batch_size=args.batch_size, n_batches=args.batches,
+                        num_workers=args.workers, pool_batches=args.pool_batches,
+                        prefetch_pools=args.prefetch_pools, seed=args.seed, output=output,
+                        tiledb_threads=args.tiledb_threads,
+                        tiledb_memory_mb=args.tiledb_memory_mb)
+
+
+def time_streams(args: argparse.Namespace, store: CellArrStore, train: pd.DataFrame,
+                 genes: np.ndarray, cache: TrainingCache, skip: set[str]) -> dict[str, float]:
+    """The three timed scimtrain streams and the bit-for-bit comparison; prints their lines."""
+    table, keep, results = CellTable.from_frame(train), args.compare_batches, {}
+    kept: dict[str, list[Batch]] = {"tiledb": [], "dense": [], "csr": []}
+    if "tiledb" not in skip:
+        with PeakRSS() as memory:
+            results["tiledb"] = timed(lambda: stream_cells(
+                CellStream(store, table, genes, stream_config(args)), keep, kept["tiledb"]))
+        print(f"scimtrain tiledb dense: {results['tiledb']:,.0f} cells/s")
+        print(f"  (pool {args.pool_batches} batches, prefetch {args.prefetch_pools}; peak "
+              f"memory, all processes: {memory.peak / 2**30:.2f} GiB)")
+    for output in ("dense", "csr"):
+        stream = CellStream(store, table, genes, stream_config(args, output), cache=cache,
+                            cache_offset=0)
+        results[output] = timed(lambda s=stream, o=output: stream_cells(s, keep, kept[o]))
+        print(f"scimtrain cache {output}: {results[output]:,.0f} cells/s")
+    if kept["tiledb"]:
+        same = same_batches(kept["tiledb"], kept["dense"]) and \
+            same_batches(kept["tiledb"], kept["csr"])
+        print(f"identical batches: {'yes' if same else 'no'}")
+        print(f"  (first {len(kept['tiledb'])} batches: TileDB dense vs cache dense and cache "
+              "CSR densified, values bit for bit, labels, studies)")
+    return results
+
+
+def memory_besides_cache(args: argparse.Namespace, store: CellArrStore, train: pd.DataFrame,
+                         genes: np.ndarray, cache: TrainingCache) -> int:
+    """Peak bytes of any one process of an (untimed) cache dense stream, besides the cache."""
+    stream = CellStream(store, CellTable.from_frame(train), genes, stream_config(args),
+                        cache=cache, cache_offset=0)
+    with MemoryBesidesCache(cache.path) as memory:
+        stream_cells(stream, 0, [])
+    return memory.peak
+
+
+def print_ratios(results: dict[str, float], peers: list[PeerResult]) -> None:
+    """Ratios of the cache paths to the faster peer and to SCimilarity, against the targets."""
+    lines = []
+    if peers:
+        best = max(peers, key=lambda p: p.cells_per_s)
+        for output, target in (("dense", 1.5), ("csr", 3.0)):
+            ratio = results[output] / best.cells_per_s
+            lines.append(f"cache {output} / {best.name} (faster peer): {ratio:.2f}x  "
+                         f"({verdict(ratio, target)})")
+    if "scimilarity" in results:
+        for output in ("dense", "csr"):
+            ratio = results[output] / results["scimilarity"]
+            lines.append(f"cache {output} / SCimilarity: {ratio:.1f}x"
+                         + ("  (" + verdict(ratio, 20) + ")" if output == "dense" else ""))
+    if "tiledb" in results:
+        lines.append(f"cache dense / tiledb dense: {results['dense'] / results['tiledb']:.1f}x")
+    if "scan" in results:
+        ratio = results["build"] / results["scan"]
+        lines.append(f"cache build / sequential scan: {ratio:.2f}x  ({verdict(ratio, 0.5)})")
+    if "memory_gib" in results:
+        lines.append(f"memory per reading process besides the cache: "
+                     f"{results['memory_gib']:.2f} GiB  "
+                     f"({verdict(results['memory_gib'], 1, above=False)})")
+    for line in lines:
+        print(line)
 
 
 if __name__ == "__main__":

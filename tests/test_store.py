@@ -20,6 +20,7 @@ from scimtrain.condition import (
     parse_numbers,
     plan_condition,
 )
+from scimtrain.selection import default_filter
 from scimtrain.store import CellArrStore, StoreError, coalesce_ranges
 from tests.conftest import hand_store, random_counts
 
@@ -273,8 +274,7 @@ def _qc_frame(n: int = 200, seed: int = 0) -> pd.DataFrame:
 
 
 CONDITIONS = [
-    "cellTypeOntologyID!='nan' and total_counts>1000 and n_genes_by_counts>500 and "
-    "pct_counts_mt<20 and predicted_doublets==0 and cellTypeOntologyID!='CL:0009010'",
+    default_filter(),
     "total_counts>=1000.5",
     "1000 < total_counts",  # the column on the right, as TileDB accepts it
     "500 <= n_genes_by_counts < 700",  # a chain

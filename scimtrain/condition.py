@@ -146,7 +146,8 @@ def _number(value: object, column: str) -> float:
     except ValueError:
         raise ConditionError(
             f"column '{column}' is stored as text and holds {text!r}, which is not a number, "
-            "so it cannot be compared with a number") from None
+            "so it cannot be compared with a number; correct the value in the store, or "
+            "compare the column with text (quoted)") from None
 
 
 # --------------------------------------------------------------------------- reading the tree

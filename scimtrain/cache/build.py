@@ -4,9 +4,10 @@ Each chunk is a run of consecutive cache rows (store cells ascending within each
 chunk is one query of a few long cell ranges: the store's sequential fast path). A worker
 process reads its chunk exactly as the stream reads a pool (``CellArrStore.read_rows``, then
 the model's gene subset, then :func:`scimtrain.stream.lognormalize`: the same functions, so
-the same bits), and writes the chunk's values and column indices as part files. The parent
-appends the parts in chunk order to the cache files while later chunks are still being read,
-and writes the row pointers at the end.
+the same bits) and hands the chunk's values and column indices to the parent, which appends
+them in chunk order to the cache files while later chunks are still being read, and writes
+the row pointers at the end. (Part files appended by the parent cost a second write of every
+byte: ~25% more build time, measured.)
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from tqdm.auto import tqdm
 
 from scimtrain.cache.layout import array_file, index_dtype
 from scimtrain.store import CellArrStore
+
+# The stream's own normalisation, so cached values are its values bit for bit. (Imported at
+# module level: forked build workers then inherit torch, which scimtrain.stream imports,
+# instead of each importing it again, ~2 CPU-seconds apiece.)
+from scimtrain.stream import lognormalize
 
 CHUNK_CELLS = 4096  # cells a worker reads at once: ~50 MB of TileDB results at 2,000 nnz/cell
 ESTIMATE_SAMPLE = 256  # cells spread over the selection, for the non-zeros per cell
@@ -51,32 +57,30 @@ def read_model_rows(store: CellArrStore, cells: np.ndarray,
 
 
 @dataclass(frozen=True)
-class ChunkWriter:
-    """Reads one chunk of cache rows and writes its part files (runs in a worker process)."""
+class ChunkReader:
+    """Reads one chunk of cache rows as cache arrays (runs in a worker process)."""
 
     store: CellArrStore
     genes: np.ndarray | None
     target_sum: float
     index_dtype: np.dtype
-    parts: Path
 
-    def __call__(self, task: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
-        """``(chunk number, store cells)`` → ``(chunk number, non-zeros of each row)``."""
-        from scimtrain.stream import lognormalize
-
+    def __call__(self, task: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray,
+                                                             np.ndarray]:
+        """``(chunk number, store cells)`` → ``(chunk number, non-zeros of each row, values,
+        column indices)``."""
         number, cells = task
         rows = read_model_rows(self.store, cells, self.genes)
         values = lognormalize(rows, self.target_sum)
-        values.tofile(self.parts / f"{number}.values")
-        rows.indices.astype(self.index_dtype).tofile(self.parts / f"{number}.indices")
-        return number, np.diff(rows.indptr).astype(np.int64)
+        return (number, np.diff(rows.indptr).astype(np.int64), values,
+                rows.indices.astype(self.index_dtype))
 
 
-_WRITER: ChunkWriter | None = None
+_READER: ChunkReader | None = None
 
 
-def _start_worker(writer: ChunkWriter) -> None:
-    global _WRITER
+def _start_worker(reader: ChunkReader) -> None:
+    global _READER
     from scimtrain.stream import protect_inherited_objects
 
     for fd in list(HELD_LOCK_FDS):  # inherited through fork: the parent's, not ours to hold
@@ -87,11 +91,11 @@ def _start_worker(writer: ChunkWriter) -> None:
     HELD_LOCK_FDS.clear()
     _die_with_parent()
     protect_inherited_objects()
-    _WRITER = writer
+    _READER = reader
 
 
-def _run_chunk(task: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
-    return _WRITER(task)
+def _run_chunk(task: tuple[int, np.ndarray]) -> tuple:
+    return _READER(task)
 
 
 def _die_with_parent() -> None:
@@ -121,7 +125,7 @@ def build_arrays(store: CellArrStore, cells: np.ndarray, genes: np.ndarray | Non
         cells: int64 store cells in cache-row order.
         genes: store columns in model order; None for every gene in store order.
         target_sum: the normalisation's target sum.
-        folder: where the ``*.bin`` files go (part files go to ``folder/parts``, then away).
+        folder: where the ``*.bin`` files go.
         n_genes: columns of the cache (``genes.size`` or the store's gene count).
         workers: processes reading chunks (1: read in this process).
         chunk_cells: cache rows per chunk.
@@ -134,10 +138,8 @@ def build_arrays(store: CellArrStore, cells: np.ndarray, genes: np.ndarray | Non
     """
     started = time.perf_counter()
     dtype = index_dtype(n_genes)
-    parts = folder / "parts"
-    parts.mkdir()
-    writer = ChunkWriter(single_threaded(store) if workers > 1 else store, genes, target_sum,
-                         dtype, parts)
+    reader = ChunkReader(single_threaded(store) if workers > 1 else store, genes, target_sum,
+                         dtype)
     tasks = chunks(cells, max(1, chunk_cells))
     workers = max(1, min(workers, len(tasks)))
     lengths = np.zeros(cells.size, dtype=np.int64)
@@ -145,15 +147,13 @@ def build_arrays(store: CellArrStore, cells: np.ndarray, genes: np.ndarray | Non
                disable=not progress, dynamic_ncols=True)
     with bar, open(array_file(folder, "values"), "wb") as values, \
             open(array_file(folder, "indices"), "wb") as indices:
-        for number, row_lengths in _results(writer, tasks, workers, mp_context):
+        for number, row_lengths, chunk_values, chunk_indices in _results(
+                reader, tasks, workers, mp_context):
             start = number * max(1, chunk_cells)
             lengths[start:start + row_lengths.size] = row_lengths
-            for suffix, out in (("values", values), ("indices", indices)):
-                part = parts / f"{number}.{suffix}"
-                _append(part, out)
-                part.unlink()
+            chunk_values.tofile(values)
+            chunk_indices.tofile(indices)
             bar.update(row_lengths.size)
-    parts.rmdir()
     indptr = np.zeros(cells.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
     indptr.tofile(array_file(folder, "indptr"))
@@ -166,37 +166,14 @@ def build_arrays(store: CellArrStore, cells: np.ndarray, genes: np.ndarray | Non
             "build_seconds": round(time.perf_counter() - started, 3), "workers": workers}
 
 
-def _results(writer: ChunkWriter, tasks: list, workers: int, mp_context: str | None):
+def _results(reader: ChunkReader, tasks: list, workers: int, mp_context: str | None):
     """Chunk results in chunk order, from ``workers`` processes (or this one)."""
     if workers == 1:
-        yield from map(writer, tasks)
+        yield from map(reader, tasks)
         return
     context = multiprocessing.get_context(mp_context)
-    with context.Pool(workers, initializer=_start_worker, initargs=(writer,)) as pool:
+    with context.Pool(workers, initializer=_start_worker, initargs=(reader,)) as pool:
         yield from pool.imap(_run_chunk, tasks)
-
-
-def _append(part: Path, out) -> None:
-    """Append the file ``part`` to the open file ``out`` (in the kernel where it can)."""
-    out.flush()
-    with open(part, "rb") as src:
-        size = os.fstat(src.fileno()).st_size
-        copy = getattr(os, "copy_file_range", None)
-        copied = 0
-        if copy is not None:
-            try:
-                while copied < size:
-                    n = copy(src.fileno(), out.fileno(), size - copied)
-                    if n == 0:
-                        break
-                    copied += n
-            except OSError:
-                if copied:  # a partial in-kernel copy cannot be resumed safely below
-                    raise
-        if copied < size:
-            src.seek(copied)
-            while block := src.read(1 << 24):
-                out.write(block)
 
 
 def estimate_build(store: CellArrStore, cells: np.ndarray, genes: np.ndarray | None,

@@ -113,8 +113,14 @@ def triplet_loss(
     gradient path when there are no triplets) and the per-triplet losses.
     """
     margin = _check_margin(margin)
+    # index_select, not embeddings[anchor]: the backward of advanced indexing is index_put_
+    # with accumulate=True, which on a multi-threaded CPU adds floats atomically in thread
+    # timing order once triplets × d >= 32768 (two identical runs then differ, issue 17).
+    # index_select's backward (index_add_) sums rows in index order: the same bits every
+    # run, for any thread count, and faster (no atomic contention on the batch's rows).
     per = F.triplet_margin_loss(
-        embeddings[anchor], embeddings[positive], embeddings[negative],
+        embeddings.index_select(0, anchor), embeddings.index_select(0, positive),
+        embeddings.index_select(0, negative),
         margin=margin, p=2, eps=1e-6, swap=False, reduction="none",
     )
     return per.sum() / max(per.numel(), 1), per

@@ -260,7 +260,8 @@ def selection_config(config: TrainingConfig) -> SelectionConfig:
             _lines(config.exclude_studies_file)),
         exclude_samples=tuple(pairs),
         val_studies=tuple(config.val_studies) + tuple(_lines(config.val_studies_file)),
-        val_min_studies=config.val_min_studies, gene_order=config.gene_order)
+        val_min_studies=config.val_min_studies, gene_order=config.gene_order,
+        allow_unknown_labels=config.allow_unknown_labels)
 
 
 def stream_config(config: TrainingConfig) -> StreamConfig:

@@ -150,6 +150,16 @@ def _number(value: object, column: str) -> float:
             "compare the column with text (quoted)") from None
 
 
+def split_clauses(condition: str) -> list[str]:
+    """The top-level ``and`` clauses of a condition, as condition strings (e.g. to count
+    what each clause keeps when the whole condition keeps nothing)."""
+    try:
+        tree = ast.parse(condition.strip(), mode="eval").body
+    except SyntaxError:
+        return [condition]
+    return [ast.unparse(node) for node in _conjuncts(tree)]
+
+
 # --------------------------------------------------------------------------- reading the tree
 
 

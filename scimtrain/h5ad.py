@@ -160,6 +160,8 @@ def inspect_file(source: Source, check_rows: int = CHECK_ROWS) -> FileInfo:
                               "re-save it with a recent anndata: "
                               "anndata.read_h5ad(path).write_h5ad(new_path)")
         n_cells = _matrix_shape(f["X"])[0] if "X" in f else len(_obs_index(f, read_elem))
+        if n_cells == 0:
+            raise IngestError(f"{name} holds no cells (0 rows): remove it from the inputs")
         counts = _find_counts(f, source, check_rows)
         var = read_elem(f["raw/var"] if counts == "raw/X" else f["var"])
         genes = _gene_symbols(var, opts.gene_column, name, counts)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from scimtrain.condition import split_clauses
 from scimtrain.ontology import CellOntology
 from scimtrain.store import CellArrStore, StoreError
 
@@ -90,6 +91,7 @@ class SelectionConfig:
     weight_quantile: float = 0.999
     weight_cap_factor: float = 2.0
     gene_order: str | os.PathLike | Sequence[str] | None = None
+    allow_unknown_labels: bool = False
 
     def condition(self) -> str:
         return default_filter(self.label_column) if self.filter_condition is None \
@@ -167,6 +169,8 @@ def select_cells(store: CellArrStore, config: SelectionConfig = SelectionConfig(
     cells = exclude_disease_samples(cells, store, cfg)
     record("2c exclude disease samples", cells)
     cells = harmonise(cells, cfg.harmonisation)
+    _check_labels_known(cells, ontology, cfg.allow_unknown_labels)
+    _check_validation_studies(cells, store, cfg)
     train, val = split_validation(cells, cfg.val_studies)
     record("4 split validation studies", train, val)
     train = coarse_grain(train, ontology, cfg.min_studies)
@@ -177,9 +181,12 @@ def select_cells(store: CellArrStore, config: SelectionConfig = SelectionConfig(
     train, val = name_labels(train, ontology), name_labels(val, ontology)
     record("6 labels known to the ontology", train, val)
     if cfg.val_studies and len(val) == 0:
-        warnings.warn("the validation split is empty after the selection: its labels are not in "
-                      "the training split or are seen in fewer than val_min_studies="
-                      f"{cfg.val_min_studies} validation studies", stacklevel=2)
+        raise SelectionError(
+            f"the validation split of {list(cfg.val_studies)} is empty after the selection: "
+            "its labels are not in the training split, or are seen in fewer than "
+            f"val_min_studies={cfg.val_min_studies} validation studies (SCimilarity's rule). "
+            "With a single validation study pass --val_min_studies 1; or choose other "
+            "--val_studies:\n" + "\n".join(f"  {s}: {n:,} / {v:,}" for s, n, v in steps))
     train = sampling_weights(train, cfg)
     val = sampling_weights(val, cfg)
     label2int = {name: i for i, name in enumerate(sorted(train[LABEL_NAME].unique()))}
@@ -214,6 +221,14 @@ def _query(store: CellArrStore, cfg: SelectionConfig) -> pd.DataFrame:
             "bin/build_store.py (with the cellarr package: pass build_cellarrdataset a "
             "cell_metadata frame holding these columns).")
     frame = store.query_cells(cfg.condition(), wanted)
+    if frame.empty and cfg.condition():
+        clauses = split_clauses(cfg.condition())
+        kept = [len(store.query_cells(c, [cfg.label_column])) for c in clauses]
+        raise SelectionError(
+            f"the filter keeps no cell of {store.uri}. Cells each clause keeps on its own:\n"
+            + "\n".join(f"  {c}: {n:,}" for c, n in zip(clauses, kept))
+            + "\nLoosen the clauses that keep few cells (--filter_condition; SCimilarity's QC "
+            "thresholds suit ~28,000-gene data).")
     frame = frame.rename(columns={cfg.label_column: LABEL_ID, cfg.study_column: STUDY,
                                   cfg.sample_column: SAMPLE})
     for column in (LABEL_ID, STUDY, SAMPLE):
@@ -331,6 +346,38 @@ def coarse_grain(cells: pd.DataFrame, ontology: CellOntology, min_studies: int) 
     return cells[cells[LABEL_ID].isin(keep)]
 
 
+def _check_labels_known(cells: pd.DataFrame, ontology: CellOntology, allow: bool) -> None:
+    """Labels unknown to the ontology are dropped; when that is most cells, it is a mistake
+    (plain-text labels without ``--ontology none``, or another ontology) unless allowed."""
+    counts = cells[LABEL_ID].value_counts()
+    unknown = counts[[label not in ontology for label in counts.index]]
+    if allow or unknown.sum() <= 0.5 * counts.sum():
+        return
+    examples = list(unknown.index[:5])
+    share = f"{unknown.sum():,} of {counts.sum():,} cells"
+    if sum(":" in str(label) for label in unknown.index) < 0.5 * len(unknown):
+        raise SelectionError(
+            f"{share} have labels the Cell Ontology does not know, and they look like plain "
+            f"names (e.g. {examples}): pass --ontology none to train on plain labels.")
+    raise SelectionError(
+        f"{share} have labels unknown to the ontology {getattr(ontology, 'version', '')} "
+        f"(e.g. {examples}) and would be dropped: pass a newer ontology (--ontology FILE), "
+        "or --allow_unknown_labels to drop them.")
+
+
+def _check_validation_studies(cells: pd.DataFrame, store: CellArrStore,
+                              cfg: SelectionConfig) -> None:
+    """Every validation study must have cells after the filter and exclusions."""
+    absent = sorted(set(cfg.val_studies) - set(cells[STUDY]))
+    if not absent:
+        return
+    in_store = store.read_frame("cell_metadata", [cfg.study_column])[cfg.study_column]
+    raise SelectionError(
+        f"validation studies {absent} have no cells after the filter and exclusions of "
+        f"{store.uri}; its studies are {sorted(set(in_store.astype(str)))} (with cells "
+        f"after the filter: {sorted(set(cells[STUDY]))}). Check --val_studies.")
+
+
 def _unknown_labels(cells: pd.DataFrame, ontology: CellOntology) -> dict[str, int]:
     counts = cells[LABEL_ID].value_counts()
     unknown = {label: int(n) for label, n in counts.items() if label not in ontology}
@@ -371,7 +418,11 @@ def read_gene_order(source: str | os.PathLike | Sequence[str]) -> list[str]:
         if not os.path.isfile(source):
             raise SelectionError(f"gene order file {source} does not exist")
         with open(source) as handle:
-            return [line.strip() for line in handle if line.strip()]
+            symbols = [line.strip() for line in handle if line.strip()]
+        if not symbols:
+            raise SelectionError(f"gene order file {source} is empty: it needs one gene "
+                                 "symbol per line")
+        return symbols
     return [str(s) for s in source]
 
 

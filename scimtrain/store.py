@@ -29,6 +29,10 @@ from scimtrain.condition import ENUM, NUMBER, TEXT, ConditionError, plan_conditi
 COUNTS_LOCATIONS = ("counts", "assays/counts")
 FRAMES = ("cell_metadata", "gene_annotation", "sample_metadata")
 GENE_SYMBOL_COLUMN = "cellarr_gene_index"
+# TileDB's own SIGINT/SIGTERM handlers replace Python's: a job whose shell ignores SIGINT (run
+# in the background) segfaulted on it inside TileDB, and preemption signals must reach the
+# Trainer. Signals are Python's business here.
+DEFAULT_CONFIG = {"sm.enable_signal_handlers": "false"}
 
 # TileDB objects inherited through fork are parked here instead of being closed or garbage
 # collected in the child: tearing down a parent's context in a forked child segfaults.
@@ -67,7 +71,7 @@ class CellArrStore:
         gene_column: str = GENE_SYMBOL_COLUMN,
     ) -> None:
         self.uri = str(uri)
-        self.config = {k: str(v) for k, v in (config or {}).items()}
+        self.config = {**DEFAULT_CONFIG, **{k: str(v) for k, v in (config or {}).items()}}
         self.gene_column = gene_column
         self._pid: int | None = None
         self._ctx: tiledb.Ctx | None = None

@@ -428,3 +428,15 @@ def test_script_runs_as_a_command(tmp_path):
                           check=False)
     assert done.returncode == 2 and "missing.h5ad does not exist" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_without_cells_is_refused_by_name(tmp_path):
+    path = write_h5ad(tmp_path / "empty.h5ad", sp.csr_matrix((0, 3), dtype=np.float32),
+                      ["G0", "G1", "G2"], pd.DataFrame({"label": pd.Categorical([])},
+                                                       index=pd.Index([], dtype=str)))
+    script = Path(__file__).resolve().parents[1] / "bin" / "build_store.py"
+    done = subprocess.run([sys.executable, str(script),
+                           str(tmp_path / "out"), str(path), "--label-column", "label"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{path} holds no cells (0 rows): remove it from the inputs" in done.stderr

@@ -4,6 +4,7 @@ checkpoints, two runs in one folder, changed settings, bad config values, bad ou
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -218,7 +219,9 @@ def test_preemption_signal_checkpoints_and_exits(tiny_store, tmp_path, sig):
     assert "Traceback" not in err
 
 
-def test_sigint_in_the_background_exits_cleanly(tiny_store, tmp_path):
+def test_sigint_in_the_foreground_and_the_background(tiny_store, tmp_path):
+    """Foreground: Ctrl-C ends the run with one line. Background (the shell ignores SIGINT
+    for it): SIGINT is ignored, as asked, instead of crashing inside TileDB's handler."""
     out = tmp_path / "run"
     args = flags(tiny_store, out, "--checkpoint_every", "0")
     args[args.index("-e") + 1] = "50"
@@ -226,8 +229,21 @@ def test_sigint_in_the_background_exits_cleanly(tiny_store, tmp_path):
     wait_for(lambda: any(checkpoints(out)), process=run)
     os.kill(run.pid, signal.SIGINT)
     _, err = run.communicate(timeout=300)
-    assert run.returncode == 130, err[-3000:]  # not 139 (a segfault in TileDB's handler)
-    assert "run the same command again" in err
+    assert run.returncode == 130, err[-3000:]
+    assert "run the same command again" in err and "Traceback" not in err
+    background = subprocess.Popen(
+        [sys.executable, TRAIN, *args], env=env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    done = len(checkpoints(out))
+    wait_for(lambda: len(checkpoints(out)) > done or any(
+        p.name > f"step-{4 * 2:08d}" for p in checkpoints(out)), process=background)
+    os.kill(background.pid, signal.SIGINT)
+    time.sleep(2)
+    assert background.poll() is None  # still training (was: rc 139, a segfault)
+    os.kill(background.pid, signal.SIGTERM)
+    _, err = background.communicate(timeout=300)
+    assert background.returncode == 128 + signal.SIGTERM, err[-3000:]
 
 
 # --------------------------------------------------------------------------- 7. config files
@@ -321,3 +337,72 @@ def test_stale_demo_store_builds_are_removed(tmp_path, monkeypatch):
     assert cli.demo_store() == str(tmp_path / name)
     assert not (tmp_path / f".{name}.{dead.pid}").exists()
     assert (tmp_path / f".{name}.{os.getpid()}").exists()
+
+
+# --------------------------------------------------------------------------- 10-11. messages
+
+
+def select(store: str, **changes):
+    from scimtrain.ontology import CellOntology
+    from scimtrain.selection import SelectionConfig, select_cells
+    from scimtrain.store import CellArrStore
+
+    ontology = changes.pop("ontology", None)
+    ontology = CellOntology.default() if ontology is None else ontology
+    settings = {"filter_condition": TINY_FILTER, **changes}
+    return select_cells(CellArrStore(store), SelectionConfig(**settings), ontology)
+
+
+def test_validation_that_would_vanish_is_an_error(tiny_store):
+    from scimtrain.selection import SelectionError
+
+    with pytest.raises(SelectionError, match=r"validation studies \['study_99'\] have no cells.*"
+                       r"its studies are \['study_00', 'study_01'"):
+        select(tiny_store, val_studies=("study_04", "study_99"))
+    with pytest.raises(SelectionError, match="validation split .* is empty.*"
+                       "--val_min_studies 1"):
+        select(tiny_store, val_studies=("study_04",))
+    one = select(tiny_store, val_studies=("study_04",), val_min_studies=1)
+    assert set(one.val["study"]) == {"study_04"}
+
+
+def test_a_filter_that_keeps_nothing_names_its_clauses(tiny_store):
+    from scimtrain.selection import SelectionError
+
+    with pytest.raises(SelectionError) as caught:
+        select(tiny_store, filter_condition="total_counts>300 and n_genes_by_counts>500")
+    message = str(caught.value)
+    assert "Cells each clause keeps on its own" in message
+    assert "n_genes_by_counts > 500: 0" in message
+    assert re.search(r"total_counts > 300: [1-9][\d,]*", message)
+
+
+def test_plain_labels_and_unknown_labels(tmp_path):
+    import pandas as pd
+
+    from scimtrain.ontology import CellOntology
+    from scimtrain.selection import SelectionError
+    from tests.conftest import hand_store
+
+    n = 60
+    cells = pd.DataFrame({"cellTypeOntologyID": ["T cell", "B cell", "NK cell"] * (n // 3),
+                          "datasetID": [f"s{i // 3 % 3}" for i in range(n)],
+                          "sampleID": [f"x{i // 3 % 3}" for i in range(n)]})
+    plain = hand_store(tmp_path / "plain", cells)
+    with pytest.raises(SelectionError, match="look like plain names.*--ontology none"):
+        select(plain, filter_condition="")
+    assert select(plain, filter_condition="", ontology=CellOntology.none()).n_labels == 3
+    cells["cellTypeOntologyID"] = ["CL:9999998", "CL:9999999", "CL:0000236"] * (n // 3)
+    unknown = hand_store(tmp_path / "unknown", cells)
+    with pytest.raises(SelectionError, match="unknown to the ontology.*--allow_unknown_labels"):
+        select(unknown, filter_condition="")
+    kept = select(unknown, filter_condition="", allow_unknown_labels=True)
+    assert set(kept.train["label_id"]) == {"CL:0000236"}
+
+
+def test_empty_gene_order_file(tiny_store, tmp_path):
+    from scimtrain.selection import SelectionError
+
+    (tmp_path / "genes.txt").write_text("\n\n")
+    with pytest.raises(SelectionError, match="gene order file .*genes.txt is empty"):
+        select(tiny_store, gene_order=str(tmp_path / "genes.txt"))

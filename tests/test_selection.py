@@ -102,8 +102,9 @@ def test_step4_validation_split(tmp_path):
     rows = BASE + [(BCELL, "V1", "v1", 3), (TREG, "V1", "v1", 2), (BCELL, "V2", "v2", 2),
                    (TREG, "V2", "v2", 2), (MONO, "V2", "v2", 1)]
     store = store_of(tmp_path, rows)
-    with pytest.warns(UserWarning, match="not found.*'nowhere'"):
-        sel = select_cells(store, SelectionConfig(val_studies=("V1", "V2", "nowhere")))
+    with pytest.raises(SelectionError, match=r"\['nowhere'\] have no cells.*its studies are"):
+        select_cells(store, SelectionConfig(val_studies=("V1", "V2", "nowhere")))
+    sel = select_cells(store, SelectionConfig(val_studies=("V1", "V2")))
     assert set(sel.val["study"]) == {"V1", "V2"}
     assert not set(sel.train["study"]) & {"V1", "V2"}
     # Validation keeps only labels present in training: the Tregs go.
@@ -203,7 +204,8 @@ def test_empty_selection_names_the_step(tmp_path):
     store = store_of(tmp_path, BASE)
     with pytest.raises(SelectionError, match="after step '2a exclude studies'"):
         select_cells(store, SelectionConfig(exclude_studies=("A", "B")))
-    with pytest.raises(SelectionError, match="after step '1 filter'"):
+    with pytest.raises(SelectionError, match="filter keeps no cell.*total_counts > 1000000000"
+                       ".0: 0"):
         select_cells(store, SelectionConfig(filter_condition="total_counts>1e9"))
 
 

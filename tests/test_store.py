@@ -21,7 +21,7 @@ from scimtrain.condition import (
     plan_condition,
 )
 from scimtrain.selection import default_filter
-from scimtrain.store import CellArrStore, StoreError, coalesce_ranges
+from scimtrain.store import DEFAULT_CONFIG, CellArrStore, StoreError, coalesce_ranges
 from tests.conftest import hand_store, random_counts
 
 
@@ -239,7 +239,8 @@ def test_with_config_copies_without_touching_the_original(small):
     store = CellArrStore(uri)
     store.read_rows([0])
     tuned = store.with_config({"sm.compute_concurrency_level": 1})
-    assert tuned.config == {"sm.compute_concurrency_level": "1"} and store.config == {}
+    assert tuned.config == {**DEFAULT_CONFIG, "sm.compute_concurrency_level": "1"}
+    assert store.config == DEFAULT_CONFIG
     assert tuned._counts is None and tuned.counts_uri == store.counts_uri
     np.testing.assert_array_equal(tuned.read_rows([3]).toarray(), counts[[3]].toarray())
     assert tuned._context().config()["sm.compute_concurrency_level"] == "1"

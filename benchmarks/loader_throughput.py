@@ -179,15 +179,29 @@ def scimilarity_pattern(store: CellArrStore, cells: pd.DataFrame, gene_indices: 
     return sum(x.shape[0] for x in loader)
 
 
-def stream_cells(stream: CellStream, keep: int, kept: list[Batch]) -> int:
-    """Iterates ``stream``; keeps its first ``keep`` batches (references, no copies) for the
-    bit-for-bit comparison. Returns the cells delivered."""
-    cells = 0
-    for batch in stream:
-        if len(kept) < keep:
-            kept.append(batch)
-        cells += batch.x.shape[0]
-    return cells
+class StreamRun:
+    """One timed pass over a stream: cells/s overall (worker start-up included, as in a
+    training epoch), the wait for the first batch, and cells/s after it."""
+
+    def __init__(self, stream: CellStream, keep: int = 0) -> None:
+        self.kept: list[Batch] = []  # the first ``keep`` batches (references, not copies)
+        start = time.perf_counter()
+        first_at, cells, first_cells = None, 0, 0
+        for batch in stream:
+            if len(self.kept) < keep:
+                self.kept.append(batch)
+            cells += batch.x.shape[0]
+            if first_at is None:
+                first_at, first_cells = time.perf_counter(), cells
+        end = time.perf_counter()
+        self.cells_per_s = cells / (end - start)
+        self.first_batch_s = (first_at or end) - start
+        rest = end - (first_at or end)
+        self.after_first = (cells - first_cells) / rest if rest > 0 else float("nan")
+
+    def detail(self) -> str:
+        return (f"first batch after {self.first_batch_s:.2f} s, then "
+                f"{self.after_first:,.0f} cells/s")
 
 
 def same_batches(reference: list[Batch], other: list[Batch]) -> bool:
@@ -379,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{human_bytes(size)})")
         print(f"  ({cache.n_rows:,} rows, {cache.nnz / cache.n_rows:,.0f} non-zeros per row, "
               f"{(size - 16 * cache.n_rows) / cache.nnz:.2f} bytes per non-zero, "
-              f"{cache.manifest.get('workers')} build processes)")
+              f"{cache.manifest.get('workers')} build process(es))")
         results.update(time_streams(args, store, train, genes, cache, skip))
         if "memory" not in skip:
             memory = memory_besides_cache(args, store, train, genes, cache)
@@ -406,27 +420,28 @@ def stream_config(args: argparse.Namespace, output: str = "dense") -> StreamConf
 def time_streams(args: argparse.Namespace, store: CellArrStore, train: pd.DataFrame,
                  genes: np.ndarray, cache: TrainingCache, skip: set[str]) -> dict[str, float]:
     """The three timed scimtrain streams and the bit-for-bit comparison; prints their lines."""
-    table, keep, results = CellTable.from_frame(train), args.compare_batches, {}
-    kept: dict[str, list[Batch]] = {"tiledb": [], "dense": [], "csr": []}
+    table, keep, runs = CellTable.from_frame(train), args.compare_batches, {}
     if "tiledb" not in skip:
         with PeakRSS() as memory:
-            results["tiledb"] = timed(lambda: stream_cells(
-                CellStream(store, table, genes, stream_config(args)), keep, kept["tiledb"]))
-        print(f"scimtrain tiledb dense: {results['tiledb']:,.0f} cells/s")
-        print(f"  (pool {args.pool_batches} batches, prefetch {args.prefetch_pools}; peak "
-              f"memory, all processes: {memory.peak / 2**30:.2f} GiB)")
+            runs["tiledb"] = StreamRun(CellStream(store, table, genes, stream_config(args)),
+                                       keep)
+        print(f"scimtrain tiledb dense: {runs['tiledb'].cells_per_s:,.0f} cells/s")
+        print(f"  ({runs['tiledb'].detail()}; pool {args.pool_batches} batches, prefetch "
+              f"{args.prefetch_pools}; peak memory, all processes: "
+              f"{memory.peak / 2**30:.2f} GiB)")
     for output in ("dense", "csr"):
-        stream = CellStream(store, table, genes, stream_config(args, output), cache=cache,
-                            cache_offset=0)
-        results[output] = timed(lambda s=stream, o=output: stream_cells(s, keep, kept[o]))
-        print(f"scimtrain cache {output}: {results[output]:,.0f} cells/s")
-    if kept["tiledb"]:
-        same = same_batches(kept["tiledb"], kept["dense"]) and \
-            same_batches(kept["tiledb"], kept["csr"])
+        runs[output] = StreamRun(CellStream(store, table, genes, stream_config(args, output),
+                                            cache=cache, cache_offset=0), keep)
+        print(f"scimtrain cache {output}: {runs[output].cells_per_s:,.0f} cells/s")
+        print(f"  ({runs[output].detail()})")
+    if "tiledb" in runs:
+        reference = runs["tiledb"].kept
+        same = same_batches(reference, runs["dense"].kept) and \
+            same_batches(reference, runs["csr"].kept)
         print(f"identical batches: {'yes' if same else 'no'}")
-        print(f"  (first {len(kept['tiledb'])} batches: TileDB dense vs cache dense and cache "
-              "CSR densified, values bit for bit, labels, studies)")
-    return results
+        print(f"  (first {len(reference)} batches: TileDB dense vs cache dense and cache CSR "
+              "densified: values bit for bit, labels, studies)")
+    return {name: run.cells_per_s for name, run in runs.items()}
 
 
 def memory_besides_cache(args: argparse.Namespace, store: CellArrStore, train: pd.DataFrame,
@@ -435,7 +450,7 @@ def memory_besides_cache(args: argparse.Namespace, store: CellArrStore, train: p
     stream = CellStream(store, CellTable.from_frame(train), genes, stream_config(args),
                         cache=cache, cache_offset=0)
     with MemoryBesidesCache(cache.path) as memory:
-        stream_cells(stream, 0, [])
+        StreamRun(stream)
     return memory.peak
 
 

@@ -38,6 +38,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scimtrain.cache.buffers import BufferRing, make_flags, register
 from scimtrain.prefetch import prefetch
 from scimtrain.sampling import Mode, SamplingPlan
 from scimtrain.store import CellArrStore
@@ -161,6 +162,7 @@ class CellStream(IterableDataset):
                 n_store_genes
         self.cache = cache
         self.cache_offset = int(cache_offset)
+        self._flags: torch.Tensor | None = None  # dense buffers' flags, set per iteration
         if cache is not None:
             check_cache(cache, cache_offset, cells, self.gene_indices, n_store_genes, config)
         self.epoch = 0
@@ -198,13 +200,24 @@ class CellStream(IterableDataset):
         info = get_worker_info()
         if info is not None:  # inside a DataLoader worker: this worker's share only
             protect_inherited_objects()
-            yield from self._produce(self.epoch, self.consumed, info.id, info.num_workers)
+            ring = None if self._flags is None else BufferRing(self._flags, info.id, True)
+            yield from self._produce(self.epoch, self.consumed, info.id, info.num_workers,
+                                     ring)
             return
         if self.consumed >= len(self):  # a finished epoch iterates again from the start
             self.consumed = 0
+        # Batch buffers are reused once this process lets go of them (cached CSR and any
+        # dense batches; TileDB's CSR batches are made from the arrays its read returns).
+        reuse = self.config.output == "dense" or self.cache is not None
         if self.config.num_workers == 0:
-            source = self._produce(self.epoch, self.consumed, 0, 1)
+            flags = make_flags(1, shared=False) if reuse else None
+            source = self._produce(self.epoch, self.consumed, 0, 1,
+                                   None if flags is None else BufferRing(flags, 0, False))
         else:
+            # Pinning copies each batch out of its buffer first: nothing to reuse then.
+            flags = make_flags(self.config.num_workers, shared=True) \
+                if reuse and not self.config.pin_memory else None
+            self._flags = flags  # reaches the workers with the stream itself
             # TileDB objects waiting in reference cycles are freed here, in their own process:
             # a forked worker's garbage collector freeing them would segfault.
             gc.collect()
@@ -220,23 +233,32 @@ class CellStream(IterableDataset):
                 generator=torch.Generator().manual_seed(
                     hash((self.config.seed, self.epoch, self.rank)) & (2**63 - 1))))
         for batch in source:
+            if flags is not None:
+                register(batch.x, flags)
             # Counted before handing out, so a state_dict() taken while the consumer holds
             # batch k says "k + 1 consumed".
             self.consumed += 1
             yield batch
 
-    def _produce(self, epoch: int, start: int, worker: int, n_workers: int) -> Iterator[Batch]:
-        """This worker's batches of ``epoch`` from batch ``start`` on, read pool by pool."""
+    def _produce(self, epoch: int, start: int, worker: int, n_workers: int,
+                 ring: BufferRing | None) -> Iterator[Batch]:
+        """This worker's batches of ``epoch`` from batch ``start`` on: read pool by pool from
+        TileDB, or gathered batch by batch from the cache. Dense batches go into ``ring``'s
+        buffers when there is one."""
         mine = list(range(start + worker, len(self), n_workers))
         if self.cache is not None:
-            cached = (self._cached_batch(self.plan.batch(epoch, self.rank, k)) for k in mine)
-            yield from prefetch(cached, self.config.prefetch_pools)
+            cached = (self._cached_batch(self.plan.batch(epoch, self.rank, k), ring)
+                      for k in mine)
+            # In a worker the DataLoader already keeps batches ahead; in-process, a thread
+            # gathers the next batch while the consumer trains (the gathers release the GIL).
+            depth = self.config.prefetch_pools if get_worker_info() is None else 0
+            yield from prefetch(cached, depth)
             return
         pools = ramped_pools(mine, self.config.pool_batches)
         plans = ([self.plan.batch(epoch, self.rank, k) for k in pool] for pool in pools)
         reads = ((batches, self._read_pool(batches)) for batches in plans)
         for batches, pool in prefetch(reads, self.config.prefetch_pools):
-            yield from self._batches_of_pool(batches, pool)
+            yield from self._batches_of_pool(batches, pool, ring)
 
     def _read_pool(self, batches: list[np.ndarray]) -> tuple[np.ndarray, sp.csr_matrix]:
         """One sorted read of every cell of the pool; columns in model gene order."""
@@ -246,31 +268,33 @@ class CellStream(IterableDataset):
             rows = rows[:, self.gene_indices]
         return unique, rows
 
-    def _batches_of_pool(self, batches: list[np.ndarray],
-                         pool: tuple[np.ndarray, sp.csr_matrix]) -> Iterator[Batch]:
+    def _batches_of_pool(self, batches: list[np.ndarray], pool: tuple[np.ndarray,
+                         sp.csr_matrix], ring: BufferRing | None) -> Iterator[Batch]:
         unique, rows = pool
         for positions in batches:
             counts = rows[np.searchsorted(unique, self.cells.cell_index[positions])]
-            yield Batch(self._expression(counts),
+            yield Batch(self._expression(counts, ring),
                         torch.from_numpy(self.cells.labels[positions]),
                         torch.from_numpy(self.cells.studies[positions]))
 
-    def _cached_batch(self, positions: np.ndarray) -> Batch:
+    def _cached_batch(self, positions: np.ndarray, ring: BufferRing | None) -> Batch:
         """Batch of ``positions`` gathered from the cache: rows ``cache_offset + positions``
         hold the same log-normalised values the TileDB path computes, in the same order."""
         rows = positions + self.cache_offset
         shape = (positions.size, self.n_genes)
         if self.config.output == "csr":
-            indptr, indices, values = self.cache.gather_csr(rows)
-            x = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices),
-                                        torch.from_numpy(values), size=shape)
+            rows, indptr = self.cache.row_pointers(rows)
+            crow, col, values = _csr_buffers(rows.size, int(indptr[-1]), ring)
+            crow.numpy()[:] = indptr
+            self.cache.fill_csr(rows, indptr, col.numpy(), values.numpy())
+            x = torch.sparse_csr_tensor(crow, col, values, size=shape)
         else:
-            x = _zeros(shape, shared=get_worker_info() is not None)
-            self.cache.gather_dense(rows, x.numpy())
+            x, dirty = _dense(shape, ring)
+            self.cache.gather_dense(rows, x.numpy(), clear=dirty)
         return Batch(x, torch.from_numpy(self.cells.labels[positions]),
                      torch.from_numpy(self.cells.studies[positions]))
 
-    def _expression(self, counts: sp.csr_matrix) -> torch.Tensor:
+    def _expression(self, counts: sp.csr_matrix, ring: BufferRing | None) -> torch.Tensor:
         """Counts → ``log1p(counts / row_sum * target_sum)`` (zero rows stay zero)."""
         values = lognormalize(counts, self.config.target_sum)
         if self.config.output == "csr":
@@ -278,7 +302,9 @@ class CellStream(IterableDataset):
                 torch.from_numpy(counts.indptr.astype(np.int64)),
                 torch.from_numpy(counts.indices.astype(np.int64)),
                 torch.from_numpy(values), size=counts.shape)
-        dense = _zeros(counts.shape, shared=get_worker_info() is not None)
+        dense, dirty = _dense(counts.shape, ring)
+        if dirty:
+            dense.zero_()
         sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).toarray(
             out=dense.numpy())
         return dense
@@ -352,6 +378,23 @@ def reader_config(config: StreamConfig) -> dict:
         settings.update({"sm.compute_concurrency_level": threads,
                          "sm.io_concurrency_level": threads})
     return {**settings, **config.tiledb_config}
+
+
+def _dense(shape: tuple[int, int], ring: BufferRing | None) -> tuple[torch.Tensor, bool]:
+    """A float32 batch buffer and whether it holds old values (reused from ``ring``) or
+    zeros (fresh: in shared memory inside a worker)."""
+    if ring is not None:
+        return ring.take_dense(shape)
+    return _zeros(shape, shared=get_worker_info() is not None), False
+
+
+def _csr_buffers(n_rows: int, nnz: int, ring: BufferRing | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row pointers, column indices (int64) and values (float32) of a CSR batch to fill."""
+    if ring is not None:
+        return ring.take_csr(n_rows, nnz)
+    return (torch.empty(n_rows + 1, dtype=torch.int64), torch.empty(nnz, dtype=torch.int64),
+            torch.empty(nnz, dtype=torch.float32))
 
 
 def _zeros(shape: tuple[int, int], shared: bool) -> torch.Tensor:

@@ -28,11 +28,6 @@ from tqdm.auto import tqdm
 from scimtrain.cache.layout import array_file, index_dtype
 from scimtrain.store import CellArrStore
 
-# The stream's own normalisation, so cached values are its values bit for bit. (Imported at
-# module level: forked build workers then inherit torch, which scimtrain.stream imports,
-# instead of each importing it again, ~2 CPU-seconds apiece.)
-from scimtrain.stream import lognormalize
-
 CHUNK_CELLS = 4096  # cells a worker reads at once: ~50 MB of TileDB results at 2,000 nnz/cell
 ESTIMATE_SAMPLE = 256  # cells spread over the selection, for the non-zeros per cell
 ESTIMATE_BLOCK = 512  # consecutive cells read and timed, for the build time
@@ -69,6 +64,9 @@ class ChunkReader:
                                                              np.ndarray]:
         """``(chunk number, store cells)`` → ``(chunk number, non-zeros of each row, values,
         column indices)``."""
+        # The stream's own normalisation, so cached values are its values bit for bit.
+        from scimtrain.stream import lognormalize
+
         number, cells = task
         rows = read_model_rows(self.store, cells, self.genes)
         values = lognormalize(rows, self.target_sum)
@@ -136,6 +134,10 @@ def build_arrays(store: CellArrStore, cells: np.ndarray, genes: np.ndarray | Non
         The manifest entries describing the arrays: ``n_rows``, ``n_genes``, ``nnz``,
         ``dtypes``, ``build_seconds``, ``workers``.
     """
+    # Imported here, before the workers start: forked workers inherit it (and torch, which it
+    # imports) instead of each importing it again, ~2 CPU-seconds apiece.
+    import scimtrain.stream  # noqa: F401
+
     started = time.perf_counter()
     dtype = index_dtype(n_genes)
     reader = ChunkReader(single_threaded(store) if workers > 1 else store, genes, target_sum,

@@ -224,15 +224,31 @@ class TrainingCache:
         return gather.gather_csr(self._array("indptr"), self._array("indices"),
                                  self._array("values"), rows)
 
-    def gather_dense(self, positions: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def row_pointers(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(checked rows, row pointers)`` of rows ``positions`` gathered into a CSR batch:
+        the first step of :meth:`fill_csr`, which needs the non-zero count to size its
+        output."""
+        rows = gather.check_rows(positions, self.n_rows)
+        return rows, gather.row_pointers(self._array("indptr"), rows)
+
+    def fill_csr(self, rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
+                 values: np.ndarray) -> None:
+        """Copy the rows of :meth:`row_pointers` into ``indices`` (int64) and ``values``
+        (float32), each holding ``indptr[-1]`` entries."""
+        gather.copy_rows(self._array("indptr"), self._array("indices"), self._array("values"),
+                         rows, indptr, indices, values)
+
+    def gather_dense(self, positions: np.ndarray, out: np.ndarray,
+                     clear: bool = False) -> np.ndarray:
         """Write rows ``positions`` into ``out`` (``(len(positions), n_genes)`` float32,
-        C-contiguous, zero-filled: only non-zeros are written). Returns ``out``."""
+        C-contiguous). Only non-zeros are written: ``out`` must be zero-filled, or ``clear``
+        zeroes it row by row first. Returns ``out``."""
         rows = gather.check_rows(positions, self.n_rows)
         if out.shape != (rows.size, self.n_genes) or out.dtype != np.float32:
             raise ValueError(f"out must be float32 of shape {(rows.size, self.n_genes)}, got "
                              f"{out.dtype} {out.shape}")
         return gather.scatter_dense(self._array("indptr"), self._array("indices"),
-                                    self._array("values"), rows, out)
+                                    self._array("values"), rows, out, clear)
 
     def _array(self, name: str) -> np.ndarray:
         """One mapped array file, mapped on first use in the calling process."""

@@ -219,38 +219,43 @@ def same_batches(reference: list[Batch], other: list[Batch]) -> bool:
 
 
 class MemoryBesidesCache:
-    """Samples, every 50 ms, each process of this process tree: resident memory minus its
-    resident pages of files under ``cache_path`` (the mapped cache, shared through the page
-    cache). ``peak`` is the largest value any one process reached (bytes)."""
+    """Samples, every 50 ms, this process and its worker processes: resident memory minus the
+    resident pages of files under ``cache_path`` (the mapped cache, shared by every process
+    through the page cache). ``peaks["main"]``/``peaks["worker"]``: the largest value this
+    process / any one worker reached, as (total, anonymous, shared memory, other file pages)
+    bytes; shared memory holds the batches in flight, other file pages the libraries."""
 
     def __init__(self, cache_path: Path) -> None:
         self.cache_path = str(cache_path)
-        self.peak = 0
+        self.peaks = {"main": (0, 0, 0, 0), "worker": (0, 0, 0, 0)}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _besides_cache(self, pid: int) -> int:
-        rss = cached = 0
-        in_cache = False
+    def _besides_cache(self, pid: int) -> tuple[int, int, int, int]:
+        kinds = {"anon": 0, "shm": 0, "file": 0}
+        kind = "anon"
         with open(f"/proc/{pid}/smaps") as smaps:
             for line in smaps:
-                first = line.split(maxsplit=1)[0]
-                if "-" in first:  # a mapping's header: address range ... [path]
-                    in_cache = self.cache_path in line
-                elif first == "Rss:":
-                    kib = int(line.split()[1])
-                    rss += kib
-                    cached += kib if in_cache else 0
-        return (rss - cached) * 1024
+                fields = line.split()
+                if "-" in fields[0]:  # a mapping's header: range, perms, offset, dev, inode, path
+                    path = fields[5] if len(fields) > 5 else ""
+                    kind = ("cache" if self.cache_path in line else
+                            "shm" if path.startswith(("/dev/shm", "/memfd:", "/torch_")) else
+                            "file" if path.startswith("/") else "anon")
+                elif fields[0] == "Rss:" and kind != "cache":
+                    kinds[kind] += int(fields[1]) * 1024
+        return (sum(kinds.values()), kinds["anon"], kinds["shm"], kinds["file"])
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
             for process in [me, *me.children(recursive=True)]:
                 try:
-                    self.peak = max(self.peak, self._besides_cache(process.pid))
-                except (OSError, ValueError, psutil.Error):
+                    sample = self._besides_cache(process.pid)
+                except (OSError, ValueError, IndexError, psutil.Error):
                     continue  # a worker that just exited
+                role = "main" if process.pid == me.pid else "worker"
+                self.peaks[role] = max(self.peaks[role], sample)
             self._stop.wait(0.05)
 
     def __enter__(self) -> Self:
@@ -260,6 +265,12 @@ class MemoryBesidesCache:
     def __exit__(self, *_) -> None:
         self._stop.set()
         self._thread.join()
+
+    @staticmethod
+    def describe(peak: tuple[int, int, int, int]) -> str:
+        total, anon, shm, file = (v / 2**30 for v in peak)
+        return (f"{total:.2f} GiB (private {anon:.2f}, shared-memory batches {shm:.2f}, "
+                f"libraries and other files {file:.2f})")
 
 
 def folder_bytes(path: Path) -> int:
@@ -397,9 +408,13 @@ def main(argv: list[str] | None = None) -> None:
         results.update(time_streams(args, store, train, genes, cache, skip))
         if "memory" not in skip:
             memory = memory_besides_cache(args, store, train, genes, cache)
-            results["memory_gib"] = memory / 2**30
+            reader = "worker" if args.workers > 0 else "main"
+            results["memory_gib"] = memory.peaks[reader][0] / 2**30
             print(f"memory per reading process besides the mapped cache: peak "
-                  f"{results['memory_gib']:.2f} GiB")
+                  f"{memory.describe(memory.peaks[reader])}")
+            if args.workers > 0:
+                print(f"  (the training process, which receives the batches and also ran the "
+                      f"parts above: {memory.describe(memory.peaks['main'])})")
     finally:
         if not args.keep_cache:
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -445,13 +460,13 @@ def time_streams(args: argparse.Namespace, store: CellArrStore, train: pd.DataFr
 
 
 def memory_besides_cache(args: argparse.Namespace, store: CellArrStore, train: pd.DataFrame,
-                         genes: np.ndarray, cache: TrainingCache) -> int:
-    """Peak bytes of any one process of an (untimed) cache dense stream, besides the cache."""
+                         genes: np.ndarray, cache: TrainingCache) -> MemoryBesidesCache:
+    """Memory of an (untimed) cache dense stream's processes, besides the mapped cache."""
     stream = CellStream(store, CellTable.from_frame(train), genes, stream_config(args),
                         cache=cache, cache_offset=0)
     with MemoryBesidesCache(cache.path) as memory:
         StreamRun(stream)
-    return memory.peak
+    return memory
 
 
 def print_ratios(results: dict[str, float], peers: list[PeerResult]) -> None:

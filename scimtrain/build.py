@@ -25,6 +25,7 @@ from accelerate import Accelerator
 
 from scimtrain import __version__
 from scimtrain.checkpoint import BEST_WEIGHTS, load_file
+from scimtrain.columns import LABEL_INT, WEIGHT
 from scimtrain.config import ConfigError, TrainingConfig
 from scimtrain.losses import LossConfig
 from scimtrain.model import EncoderDecoder
@@ -299,8 +300,8 @@ def data_signature(config: TrainingConfig, store: CellArrStore,
     digest = hashlib.sha256()
     for frame in (selection.train, selection.val):
         digest.update(frame.index.to_numpy(np.int64).tobytes())
-        digest.update(frame["sampling_weight"].to_numpy(np.float64).tobytes())
-        digest.update(frame["label_int"].to_numpy(np.int64).tobytes())
+        digest.update(frame[WEIGHT].to_numpy(np.float64).tobytes())
+        digest.update(frame[LABEL_INT].to_numpy(np.int64).tobytes())
     digest.update("\n".join(selection.gene_order).encode())
     keys = ("counts_location", "label_id_column", "study_column", "sample_column",
             "filter_condition", "val_studies", "val_studies_file", "val_min_studies",

@@ -18,6 +18,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from scimtrain.columns import LABEL_COLUMN, SAMPLE_COLUMN, STUDY_COLUMN
+
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the field (and the file) and the fix."""
@@ -50,9 +52,9 @@ class TrainingConfig:
                               group="data", metavar="STORE")
     counts_location: str | None = _opt(
         None, "counts array under the store (default: counts or assays/counts)", group="data")
-    label_id_column: str = _opt("cellTypeOntologyID", group="data")
-    study_column: str = _opt("datasetID", group="data")
-    sample_column: str = _opt("sampleID", group="data")
+    label_id_column: str = _opt(LABEL_COLUMN, group="data")
+    study_column: str = _opt(STUDY_COLUMN, group="data")
+    sample_column: str = _opt(SAMPLE_COLUMN, group="data")
     gene_order: str | None = _opt(None, "one gene symbol per line", group="data",
                                   metavar="FILE", file=True)
     filter_condition: str | None = _opt(

@@ -32,11 +32,14 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-# Column names the training defaults read (SPEC §8), and the QC columns SPEC §2.1 filters on.
-LABEL, STUDY, SAMPLE, DISEASE = "cellTypeOntologyID", "datasetID", "sampleID", "disease"
-QC_COLUMNS = ("total_counts", "n_genes_by_counts", "pct_counts_mt", "predicted_doublets")
-CELL_COLUMNS = (LABEL, STUDY, SAMPLE, *QC_COLUMNS, "cell_id", "source_file")
-MISSING = "nan"  # how SCimilarity's stores spell a missing label (SPEC §1)
+from scimtrain.columns import (
+    BUILT_CELL_COLUMNS,
+    LABEL_COLUMN,
+    MISSING_LABEL,
+    SAMPLE_COLUMN,
+    STUDY_COLUMN,
+)
+
 
 AUTO_COUNTS = ("X", "layers/counts", "layers/raw_counts", "raw/X")
 CHECK_ROWS = 1_000  # rows of counts inspect_file checks by default
@@ -77,7 +80,7 @@ class SourceOptions:
 
     counts_layer: str = "auto"
     gene_column: str | None = None
-    label_column: tuple[str, ...] = (LABEL, "cell_type_ontology_term_id")
+    label_column: tuple[str, ...] = (LABEL_COLUMN, "cell_type_ontology_term_id")
     study_column: tuple[str, ...] = ()
     study: str | None = None
     sample_column: tuple[str, ...] = ()
@@ -406,7 +409,7 @@ def convert(info: FileInfo, columns: np.ndarray, n_genes: int, out: Converted, b
                                mt_prefix.upper()).astype(np.float64)
     with h5py.File(info.source.path, "r") as f:
         cells = _cell_table(f, info, read_elem)
-        again = set(zip(cells[STUDY], cells[SAMPLE])) & out.existing
+        again = set(zip(cells[STUDY_COLUMN], cells[SAMPLE_COLUMN])) & out.existing
         if again:
             raise IngestError(f"the store already holds sample(s) {sorted(again)[:5]} of "
                               f"{info.name}: appending the same file twice? Pass another "
@@ -431,8 +434,8 @@ def convert(info: FileInfo, columns: np.ndarray, n_genes: int, out: Converted, b
             yield sp.csr_matrix((chunk.data, columns[chunk.indices], chunk.indptr),
                                 shape=(stop - start, n_genes))
     qc["n_genes_by_counts"] = qc["n_genes_by_counts"].astype(np.int64)
-    out.cells.append(cells.assign(**qc)[list(CELL_COLUMNS)])
-    for key, values in cells["_disease"].groupby([cells[STUDY], cells[SAMPLE]], sort=False):
+    out.cells.append(cells.assign(**qc)[list(BUILT_CELL_COLUMNS)])
+    for key, values in cells["_disease"].groupby([cells[STUDY_COLUMN], cells[SAMPLE_COLUMN]], sort=False):
         out.diseases.setdefault(key, set()).update(values.unique())
 
 
@@ -448,7 +451,7 @@ def _cell_table(f, info: FileInfo, read_elem) -> pd.DataFrame:
 
     def text(values: pd.Series) -> pd.Series:
         missing = values.isna() | (values.astype(str).str.strip() == "")
-        return values.astype(str).where(~missing, MISSING)
+        return values.astype(str).where(~missing, MISSING_LABEL)
 
     def required(name: str | None, fixed: str | None, default: pd.Series, what: str):
         if fixed is not None:
@@ -456,8 +459,8 @@ def _cell_table(f, info: FileInfo, read_elem) -> pd.DataFrame:
         if name is None:
             return default
         values = text(column(name))
-        if (values == MISSING).any():
-            raise IngestError(f"{info.name}: {int((values == MISSING).sum())} cells have no "
+        if (values == MISSING_LABEL).any():
+            raise IngestError(f"{info.name}: {int((values == MISSING_LABEL).sum())} cells have no "
                               f"{what} in obs[{name!r}]; fill them or pass another "
                               f"--{what}-column")
         return values
@@ -467,10 +470,10 @@ def _cell_table(f, info: FileInfo, read_elem) -> pd.DataFrame:
     sample = required(info.sample_column, opts.sample, study, "sample")
     disease = (pd.Series([opts.disease] * n, dtype=object) if opts.disease is not None
                else text(column(info.disease_column)) if info.disease_column
-               else pd.Series([MISSING] * n, dtype=object))
+               else pd.Series([MISSING_LABEL] * n, dtype=object))
     return pd.DataFrame({
-        LABEL: text(column(info.label_column)).to_numpy(),
-        STUDY: study.to_numpy(), SAMPLE: sample.to_numpy(),
+        LABEL_COLUMN: text(column(info.label_column)).to_numpy(),
+        STUDY_COLUMN: study.to_numpy(), SAMPLE_COLUMN: sample.to_numpy(),
         "predicted_doublets": (_doublets(column(info.doublet_column), info)
                                if info.doublet_column else np.zeros(n, dtype=np.int64)),
         "cell_id": _obs_index(f, read_elem).astype(str),

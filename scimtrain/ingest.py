@@ -40,14 +40,16 @@ import tiledb
 from tqdm.auto import tqdm
 
 from scimtrain import __version__
+from scimtrain.columns import (
+    BUILT_CELL_COLUMNS,
+    DISEASE_COLUMN,
+    LABEL_COLUMN,
+    MISSING_LABEL,
+    SAMPLE_COLUMN,
+    STUDY_COLUMN,
+)
 from scimtrain.h5ad import (
-    CELL_COLUMNS,
     CHECK_ROWS,
-    DISEASE,
-    LABEL,
-    MISSING,
-    SAMPLE,
-    STUDY,
     Converted,
     FileInfo,
     IngestError,
@@ -200,7 +202,7 @@ def build_store(out: str | os.PathLike, sources: Sequence[Source | str | os.Path
     try:
         record, ctx = _prepare(out, partial, existing, options)
         converted = Converted(set() if existing is None else set(map(tuple, _read_whole(
-            existing, "sample_metadata", ctx)[[STUDY, SAMPLE]].to_numpy())))
+            existing, "sample_metadata", ctx)[[STUDY_COLUMN, SAMPLE_COLUMN]].to_numpy())))
         _write_counts(partial, infos, columns, len(genes), options, converted,
                       existing.n_cells if existing else None, ctx)
         totals = _write_tables(partial, converted, genes, existing, ctx)
@@ -257,7 +259,7 @@ def _existing_store(out: Path, append: bool, overwrite: bool) -> CellArrStore | 
         raise IngestError(f"{out} already holds a store ({store.n_cells} cells); pass --append "
                           "to add these files to it, --overwrite to replace it, or another "
                           "output folder")
-    lacking = [c for c in CELL_COLUMNS if c not in store.columns("cell_metadata")]
+    lacking = [c for c in BUILT_CELL_COLUMNS if c not in store.columns("cell_metadata")]
     if lacking:
         raise IngestError(f"{out} was not built by build_store (its cell_metadata lacks "
                           f"{lacking}); appending needs one that was. Build a new store.")
@@ -359,19 +361,19 @@ def _write_tables(partial: Path, converted: Converted, genes: list[str],
     numbers of cells, studies, samples and labelled cells."""
     cells = pd.concat(converted.cells, ignore_index=True)
     samples = pd.DataFrame(
-        [(study, sample, "; ".join(sorted(d - {MISSING}) or [MISSING]))
+        [(study, sample, "; ".join(sorted(d - {MISSING_LABEL}) or [MISSING_LABEL]))
          for (study, sample), d in converted.diseases.items()],
-        columns=[STUDY, SAMPLE, DISEASE])
+        columns=[STUDY_COLUMN, SAMPLE_COLUMN, DISEASE_COLUMN])
     if existing is not None:
-        old_cells = _read_whole(existing, "cell_metadata", ctx)[list(CELL_COLUMNS)]
+        old_cells = _read_whole(existing, "cell_metadata", ctx)[list(BUILT_CELL_COLUMNS)]
         cells = pd.concat([old_cells, cells], ignore_index=True)
         samples = pd.concat([_read_whole(existing, "sample_metadata", ctx), samples],
                             ignore_index=True)
         for frame in ("cell_metadata", "gene_annotation", "sample_metadata"):
             shutil.rmtree(partial / frame)
     write_frames(str(partial), cells, genes, samples, ctx)
-    return {"n_cells": len(cells), "n_studies": samples[STUDY].nunique(),
-            "n_samples": len(samples), "n_labelled": int((cells[LABEL] != MISSING).sum())}
+    return {"n_cells": len(cells), "n_studies": samples[STUDY_COLUMN].nunique(),
+            "n_samples": len(samples), "n_labelled": int((cells[LABEL_COLUMN] != MISSING_LABEL).sum())}
 
 
 def _read_whole(store: CellArrStore, frame: str, ctx: tiledb.Ctx) -> pd.DataFrame:

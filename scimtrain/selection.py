@@ -19,6 +19,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from scimtrain.columns import (
+    CELLARR_SAMPLE_COLUMN,
+    DISEASE_COLUMN,
+    LABEL_COLUMN,
+    LABEL_ID,
+    LABEL_INT,
+    LABEL_NAME,
+    SAMPLE,
+    SAMPLE_COLUMN,
+    STUDY,
+    STUDY_COLUMN,
+    STUDY_INT,
+    WEIGHT,
+)
 from scimtrain.condition import split_clauses
 from scimtrain.ontology import CellOntology
 from scimtrain.store import CellArrStore, StoreError
@@ -44,20 +58,13 @@ HARMONISATION: dict[str, str] = {
 # (Ensembl ids vs symbols); a few missing genes are normal between annotation releases.
 MIN_GENE_ORDER_MATCH = 0.5
 
-# The column the cellarr package writes in cell_metadata and sample_metadata: the input file
-# (its sample) each cell came from.
-CELLARR_SAMPLE = "cellarr_sample"
-
-# Standard column names of Selection.train / Selection.val.
-LABEL_ID, LABEL_NAME, STUDY, SAMPLE = "label_id", "label_name", "study", "sample"
-WEIGHT, LABEL_INT, STUDY_INT = "sampling_weight", "label_int", "study_int"
 
 
 class SelectionError(ValueError):
     """The selection cannot produce training cells; the message names the step and the fix."""
 
 
-def default_filter(label_column: str = "cellTypeOntologyID") -> str:
+def default_filter(label_column: str = LABEL_COLUMN) -> str:
     """SCimilarity's default cell filter (SPEC §2.1) for a given label column."""
     return (f"{label_column}!='nan' and total_counts>1000 and n_genes_by_counts>500 and "
             f"pct_counts_mt<20 and predicted_doublets==0 and {label_column}!='CL:0009010'")
@@ -74,13 +81,13 @@ class SelectionConfig:
     split too, which empties it when there is a single validation study; lower it to keep that.
     """
 
-    label_column: str = "cellTypeOntologyID"
-    study_column: str = "datasetID"
-    sample_column: str = "sampleID"
+    label_column: str = LABEL_COLUMN
+    study_column: str = STUDY_COLUMN
+    sample_column: str = SAMPLE_COLUMN
     filter_condition: str | None = None
     exclude_studies: tuple[str, ...] = ()
     exclude_samples: tuple[tuple[str, str], ...] = ()
-    disease_column: str = "disease"
+    disease_column: str = DISEASE_COLUMN
     disease_keywords: tuple[str, ...] = CANCER_KEYWORDS
     harmonisation: Mapping[str, str] = field(default_factory=lambda: dict(HARMONISATION))
     val_studies: tuple[str, ...] = ()
@@ -272,17 +279,18 @@ def exclude_disease_samples(cells: pd.DataFrame, store: CellArrStore,
         return cells
     if all(c in available for c in pairs):
         return exclude_samples(cells, disease_samples(store, cfg))
-    if CELLARR_SAMPLE in available and CELLARR_SAMPLE in store.columns("cell_metadata"):
-        samples = store.read_frame("sample_metadata", [CELLARR_SAMPLE, cfg.disease_column])
-        hit = samples.loc[_names_keyword(samples[cfg.disease_column], cfg), CELLARR_SAMPLE]
+    key = CELLARR_SAMPLE_COLUMN
+    if key in available and key in store.columns("cell_metadata"):
+        samples = store.read_frame("sample_metadata", [key, cfg.disease_column])
+        hit = samples.loc[_names_keyword(samples[cfg.disease_column], cfg), key]
         if hit.empty:
             return cells
-        owner = store.read_frame("cell_metadata", [CELLARR_SAMPLE])[CELLARR_SAMPLE]
+        owner = store.read_frame("cell_metadata", [CELLARR_SAMPLE_COLUMN])[CELLARR_SAMPLE_COLUMN]
         drop = owner.index[owner.isin(set(hit))]
         return cells[~cells.index.isin(drop)]
     warnings.warn(
         f"sample_metadata of {store.uri} has a '{cfg.disease_column}' column but neither the "
-        f"columns {pairs} nor '{CELLARR_SAMPLE}' (in both frames) to find the cells of a "
+        f"columns {pairs} nor '{CELLARR_SAMPLE_COLUMN}' (in both frames) to find the cells of a "
         "sample: no sample is excluded for disease. List samples to exclude with "
         "--exclude_samples_file.", stacklevel=3)
     return cells

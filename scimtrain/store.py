@@ -24,11 +24,12 @@ import pandas as pd
 import scipy.sparse as sp
 import tiledb
 
+from scimtrain.columns import GENE_SYMBOL_COLUMN
+
 from scimtrain.condition import ENUM, NUMBER, TEXT, ConditionError, plan_condition
 
 COUNTS_LOCATIONS = ("counts", "assays/counts")
 FRAMES = ("cell_metadata", "gene_annotation", "sample_metadata")
-GENE_SYMBOL_COLUMN = "cellarr_gene_index"
 # TileDB's own SIGINT/SIGTERM handlers replace Python's: a job whose shell ignores SIGINT (run
 # in the background) segfaulted on it inside TileDB, and preemption signals must reach the
 # Trainer. Signals are Python's business here.

@@ -17,6 +17,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scimtrain.columns import (
+    DISEASE_COLUMN,
+    LABEL_COLUMN,
+    MISSING_LABEL,
+    SAMPLE_COLUMN,
+    STUDY_COLUMN,
+    TRAINING_COLUMNS,
+)
 from scimtrain.prefetch import prefetch
 from scimtrain.store import join_uri
 from scimtrain.writer import fresh_store, write_counts, write_frames
@@ -83,8 +91,6 @@ class SyntheticConfig:
     counts_location: str = "counts"
 
 
-CELL_COLUMNS = ("cellTypeOntologyID", "datasetID", "sampleID", "total_counts",
-                "n_genes_by_counts", "pct_counts_mt", "predicted_doublets")
 
 
 def make_synthetic_store(uri: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(),
@@ -127,7 +133,7 @@ def make_synthetic_store(uri: str | os.PathLike, config: SyntheticConfig = Synth
     # Simulating the next chunk overlaps TileDB compressing and writing the current one.
     write_counts(join_uri(uri, cfg.counts_location), prefetch(chunks(), 1), cfg.n_genes,
                  capacity=cfg.capacity, progress=progress, total_rows=len(cells), ctx=ctx)
-    write_frames(uri, cells[list(CELL_COLUMNS)], list(genes), samples, ctx)
+    write_frames(uri, cells[list(TRAINING_COLUMNS)], list(genes), samples, ctx)
     return uri
 
 
@@ -182,19 +188,19 @@ def _cell_table(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[pd.Data
                        else DISEASES[rng.integers(1, len(DISEASES))])
             samples.append((study, sample, disease))
             types = rng.choice(n_types, size=n, p=mix)
-            rows.append(pd.DataFrame({"type": types, "study": s, "datasetID": study,
-                                      "sampleID": sample}))
+            rows.append(pd.DataFrame({"type": types, "study": s, STUDY_COLUMN: study,
+                                      SAMPLE_COLUMN: sample}))
     cells = pd.concat(rows, ignore_index=True)
     n = len(cells)
-    cells["cellTypeOntologyID"] = np.array([cl for cl, _ in CELL_TYPES], dtype=object)[
+    cells[LABEL_COLUMN] = np.array([cl for cl, _ in CELL_TYPES], dtype=object)[
         cells["type"]]
-    cells.loc[rng.random(n) < cfg.unlabelled_fraction, "cellTypeOntologyID"] = "nan"
+    cells.loc[rng.random(n) < cfg.unlabelled_fraction, LABEL_COLUMN] = MISSING_LABEL
     cells["low_quality"] = rng.random(n) < cfg.low_quality_fraction
     cells["predicted_doublets"] = (rng.random(n) < cfg.doublet_fraction).astype(np.int64)
     cells["total_counts"] = 0.0
     cells["n_genes_by_counts"] = 0
     cells["pct_counts_mt"] = 0.0
-    sample_frame = pd.DataFrame(samples, columns=["datasetID", "sampleID", "disease"])
+    sample_frame = pd.DataFrame(samples, columns=[STUDY_COLUMN, SAMPLE_COLUMN, DISEASE_COLUMN])
     return cells, sample_frame
 
 

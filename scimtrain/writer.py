@@ -17,7 +17,8 @@ import scipy.sparse as sp
 import tiledb
 from tqdm.auto import tqdm
 
-from scimtrain.store import GENE_SYMBOL_COLUMN, join_uri
+from scimtrain.columns import GENE_SYMBOL_COLUMN
+from scimtrain.store import join_uri
 
 
 def create_counts_array(uri: str, value_dtype: np.dtype = np.uint16, capacity: int = 10_000,

@@ -17,6 +17,7 @@ pytest.importorskip("h5py")
 import anndata as ad
 
 from scimtrain import ingest
+from scimtrain.columns import BUILT_CELL_COLUMNS
 from scimtrain.ingest import (
     BUILD_RECORD,
     BuildOptions,
@@ -118,7 +119,7 @@ def test_two_files_round_trip(tmp_path, two_files):
     assert np.array_equal(store.read_rows(np.arange(500)).toarray(), expected)
 
     meta = store.read_frame("cell_metadata")
-    assert list(meta.columns) == list(ingest.CELL_COLUMNS)
+    assert list(meta.columns) == list(BUILT_CELL_COLUMNS)
     obs_a, obs_b = two_files["obs"]
     labels = pd.concat([obs_a["label"].astype(object),
                         obs_b["cell_type_ontology_term_id"].astype(object)])

@@ -57,9 +57,13 @@ def written_aside(final: str | os.PathLike, *, folder: bool = False, replace: bo
     except BaseException:
         remove(tmp)
         raise
-    if replace and final.is_dir() and tmp.is_dir():
-        remove(final)  # os.replace cannot replace a non-empty folder
-    os.replace(tmp, final)
+    try:
+        if replace and final.is_dir() and tmp.is_dir():
+            remove(final)  # os.replace cannot replace a non-empty folder
+        os.replace(tmp, final)  # a folder another writer finished first: OSError
+    except OSError:
+        remove(tmp)
+        raise
     fsync_dir(final.parent)
 
 

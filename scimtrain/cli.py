@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from scimtrain.atomic import temporary_sibling, written_aside
 from scimtrain.build import OutputError, build_training, test_file
 from scimtrain.checkpoint import CheckpointError
 from scimtrain.config import ConfigError, TrainingConfig, parse_args
@@ -43,16 +44,17 @@ def demo_store() -> str:
 
     cache = Path(os.environ.get("SCIMTRAIN_CACHE", Path.home() / ".cache" / "scimtrain"))
     uri = cache / f"demo-store-v{SIMULATION_VERSION}"
-    _remove_stale_builds(cache, f".{uri.name}.")
+    _remove_stale_builds(cache, f"{temporary_sibling(uri).name}.")
     if not uri.exists():
         print(f"building the demo store at {uri} (once)")
-        tmp = cache / f".{uri.name}.{os.getpid()}"
-        # Built aside and renamed: an interrupted build never looks like a finished store.
-        make_synthetic_store(tmp, SyntheticConfig(n_cells=20_000, n_genes=2_000), overwrite=True)
         try:
-            os.replace(tmp, uri)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+            # Built aside and renamed: an interrupted build never looks like a finished store.
+            with written_aside(uri, tag=str(os.getpid())) as tmp:
+                make_synthetic_store(tmp, SyntheticConfig(n_cells=20_000, n_genes=2_000),
+                                     overwrite=True)
+        except OSError:
+            if not uri.exists():  # else another process finished first
+                raise
     return str(uri)
 
 

@@ -332,11 +332,11 @@ def test_stale_demo_store_builds_are_removed(tmp_path, monkeypatch):
     (tmp_path / name).mkdir()  # a finished store (not rebuilt)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / f".{name}.{dead.pid}").mkdir()  # left by a killed build
-    (tmp_path / f".{name}.{os.getpid()}").mkdir()  # a live build
+    (tmp_path / f".tmp-{name}.{dead.pid}").mkdir()  # left by a killed build
+    (tmp_path / f".tmp-{name}.{os.getpid()}").mkdir()  # a live build
     assert cli.demo_store() == str(tmp_path / name)
-    assert not (tmp_path / f".{name}.{dead.pid}").exists()
-    assert (tmp_path / f".{name}.{os.getpid()}").exists()
+    assert not (tmp_path / f".tmp-{name}.{dead.pid}").exists()
+    assert (tmp_path / f".tmp-{name}.{os.getpid()}").exists()
 
 
 # --------------------------------------------------------------------------- 10-11. messages

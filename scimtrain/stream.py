@@ -200,7 +200,7 @@ class CellStream(IterableDataset):
         info = get_worker_info()
         if info is not None:  # inside a DataLoader worker: this worker's share only
             protect_inherited_objects()
-            ring = None if self._flags is None else BufferRing(self._flags, info.id, True)
+            ring = None if self._flags is None else BufferRing(self._flags, info.id)
             yield from self._produce(self.epoch, self.consumed, info.id, info.num_workers,
                                      ring)
             return
@@ -209,10 +209,10 @@ class CellStream(IterableDataset):
         # Batch buffers are reused once this process lets go of them (cached CSR and any
         # dense batches; TileDB's CSR batches are made from the arrays its read returns).
         reuse = self.config.output == "dense" or self.cache is not None
+        flags = None
         if self.config.num_workers == 0:
-            flags = make_flags(1, shared=False) if reuse else None
             source = self._produce(self.epoch, self.consumed, 0, 1,
-                                   None if flags is None else BufferRing(flags, 0, False))
+                                   BufferRing() if reuse else None)
         else:
             # Pinning copies each batch out of its buffer first: nothing to reuse then.
             flags = make_flags(self.config.num_workers, shared=True) \
@@ -239,6 +239,7 @@ class CellStream(IterableDataset):
             # batch k says "k + 1 consumed".
             self.consumed += 1
             yield batch
+            del batch  # not held here while the next one is fetched: its buffer can be reused
 
     def _produce(self, epoch: int, start: int, worker: int, n_workers: int,
                  ring: BufferRing | None) -> Iterator[Batch]:

@@ -415,3 +415,65 @@ def test_command_line_lists_and_removes(tiny_store, tmp_path):
                              capture_output=True, text=True, cwd=REPO)
     assert removed.returncode == 0 and "removed 1" in removed.stdout, removed.stderr
     assert list_caches(tmp_path) == []
+
+
+# ------------------------------------------------------------------ reused batch buffers
+
+
+def test_a_worker_buffer_is_reused_only_after_the_consumer_let_go():
+    from scimtrain.cache.buffers import SLOTS_PER_RING, BufferRing, make_flags, register
+
+    flags = make_flags(2, shared=True)
+    ring = BufferRing(flags, ring=1)  # the worker's side
+    x, dirty = ring.take_dense((3, 4))
+    assert not dirty and torch.count_nonzero(x) == 0
+    x.fill_(7.0)
+    # What the consuming process gets: its own mapping of the same shared memory.
+    fd, size = x.untyped_storage()._share_fd_cpu_()
+    received = torch.empty(0).set_(torch.UntypedStorage._new_shared_fd_cpu(fd, size), 0, (3, 4))
+    del x
+    register(received, flags)
+    view = received[1:]
+    weights = torch.ones(4, 2, requires_grad=True)
+    out = (view @ weights).sum()  # autograd keeps view for the backward pass
+    del received, view
+    assert flags[SLOTS_PER_RING:].tolist()[0] == 1  # still readable through the graph
+    out.backward()
+    assert flags.tolist() == [0] * (2 * SLOTS_PER_RING)  # now free
+    again, dirty = ring.take_dense((3, 4))
+    assert dirty and (again == 7.0).all()  # the same memory, to be cleared by the filler
+
+
+def test_in_process_buffers_are_reused_once_dropped_and_never_while_held():
+    from scimtrain.cache.buffers import SLOTS_PER_RING, BufferRing
+
+    ring = BufferRing()
+    held = [ring.take_dense((2, 3))[0] for _ in range(SLOTS_PER_RING + 2)]
+    pointers = {x.data_ptr() for x in held}
+    assert len(pointers) == SLOTS_PER_RING + 2  # all held: all distinct
+    del held
+    first, _ = ring.take_dense((2, 3))
+    second, dirty = ring.take_dense((2, 3))
+    assert dirty and {first.data_ptr(), second.data_ptr()} <= pointers
+    assert first.data_ptr() != second.data_ptr()
+
+
+@pytest.mark.parametrize("output", ["dense", "csr"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_dropped_as_they_come_are_still_exact(tiny_store, selection, cache, output,
+                                                      workers):
+    """A consumer that drops each batch (buffers get reused) sees the right values."""
+    tiledb_stream, _ = streams(tiny_store, selection, cache, "train", world=1, output=output,
+                               n_batches=12)
+    reference = list(tiledb_stream)
+    _, cached = streams(tiny_store, selection, cache, "train", world=1, output=output,
+                        n_batches=12, num_workers=workers)
+    copies, pointers = [], set()
+    for batch in cached:
+        x = batch.x
+        pointers.add((x.values() if output == "csr" else x).data_ptr())
+        copies.append(batch._replace(x=x.to_dense().clone() if output == "csr" else x.clone()))
+        del batch, x
+    assert identical(copies, [b._replace(x=b.x.to_dense()) for b in reference])
+    if workers == 0:
+        assert len(pointers) < 12  # buffers were reused

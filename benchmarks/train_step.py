@@ -22,6 +22,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from scimtrain.losses import LossConfig
+from scimtrain.mining.dispatch import CPU_MINER_ENV, CPU_MINERS
 from scimtrain.model import EncoderDecoder
 from scimtrain.objective import MetricLearningObjective
 from scimtrain.ontology import CellOntology
@@ -45,12 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sparse-batches", action="store_true",
                         help="move batches as CSR and densify on the device")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--cpu-miner", choices=["compiled", "torch"], default=None,
-                        help="on the CPU: the compiled miner or the torch path CUDA runs "
-                             "(sets SCIMTRAIN_CPU_MINER; default: the package's)")
+    parser.add_argument("--cpu-miner", choices=CPU_MINERS, default=None,
+                        help=f"on the CPU: the compiled miner or the torch path CUDA runs "
+                             f"(sets {CPU_MINER_ENV}; default: compiled)")
     args = parser.parse_args(argv)
     if args.cpu_miner:
-        os.environ["SCIMTRAIN_CPU_MINER"] = args.cpu_miner
+        os.environ[CPU_MINER_ENV] = args.cpu_miner
 
     store = CellArrStore(args.store)
     selection = select_cells(store, SelectionConfig())
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"store {args.store}: {len(selection.gene_order):,} genes, batch {args.batch_size}, "
           f"{args.workers} workers, device {accelerator.device}, {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, cpu miner "
-          f"{os.environ.get('SCIMTRAIN_CPU_MINER', 'default')}, {args.steps} steps in {wall:.1f} s")
+          f"{os.environ.get(CPU_MINER_ENV, 'compiled')}, {args.steps} steps in {wall:.1f} s")
     print("\n| section | first step s | later steps s (mean) | share of step |")
     print("|---|---:|---:|---:|")
     later = slice(1, None)

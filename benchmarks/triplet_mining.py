@@ -60,7 +60,8 @@ def time_both(emb, labels, studies, desc, args, device: str, reference: bool
     """Median ms of the vectorised miner (``--repeats`` calls) and, if ``reference``, of the
     loop reference (``--reference-repeats`` runs), interleaved: the vectorised calls run in
     rounds between the reference runs, so that both see the same machine (a shared VM's speed
-    drifts over seconds); each round starts with ``--warmup`` untimed calls. Returns (vectorised ms, its num_hard, reference ms, its num_hard)."""
+    drifts over seconds); each round starts with ``--warmup`` untimed calls. Returns
+    (vectorised ms, its num_hard, reference ms, its num_hard)."""
     e = torch.from_numpy(emb).to(device)
     lab = torch.from_numpy(labels).to(device)
     st = torch.from_numpy(studies).to(device)
@@ -183,15 +184,16 @@ def breakdown(args) -> None:
 
 def _stage_times(emb, labels, studies, desc, args, threads: int) -> dict:
     """``breakdown``'s medians (ms) for one batch: "dist", 1, ``threads``, "call"."""
-    from scimtrain import mining, mining_cpu
+    from scimtrain.mining import cpu_path
+    from scimtrain.mining.distances import checked_distances
 
-    mode = mining_cpu.MODES[args.selection]
+    mode = cpu_path.MODES[args.selection]
     e = torch.from_numpy(emb)
     tensors = [torch.from_numpy(x) for x in (emb, labels, studies, desc)]
-    pair_start, positive = mining_cpu.same_label_pairs(labels, studies, len(desc))
-    rows, table = mining_cpu.candidate_table(labels, labels, desc)
+    pair_start, positive = cpu_path.same_label_pairs(labels, studies, len(desc))
+    rows, table = cpu_path.candidate_table(labels, labels, desc)
     u = np.random.default_rng(args.seed).random(len(positive), dtype=np.float32)
-    dist = mining._checked_distances(e).numpy()
+    dist = checked_distances(e).numpy()
     times: dict = {}
 
     def timed(name, fn, *fn_args, **fn_kwargs):
@@ -202,10 +204,10 @@ def _stage_times(emb, labels, studies, desc, args, threads: int) -> dict:
     for i in range(args.warmup + args.repeats):
         if i == args.warmup:
             times.clear()
-        timed("dist", mining._checked_distances, e)
+        timed("dist", checked_distances, e)
         for t in (1, threads):
-            mining._checked_distances(e)
-            timed(t, mining_cpu.mine_rows, dist, table, rows, pair_start, positive,
+            checked_distances(e)
+            timed(t, cpu_path.mine_rows, dist, table, rows, pair_start, positive,
                   args.margin, u, mode, t)
         timed("call", mine_triplets, *tensors, margin=args.margin, selection=args.selection)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}

@@ -14,16 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mining import (  # noqa: F401  (re-exported; metrics.py uses the helpers)
-    SELECTIONS,
-    _bool_matrix,
-    _check_embeddings,
-    _check_margin,
-    _label_tensor,
-    _uniform,
-    mine_triplets,
-    squared_distances,
-)
+from .mining import SELECTIONS, mine_triplets, squared_distances  # (re-exported)
+from .mining.checks import bool_matrix as _bool_matrix
+from .mining.checks import check_margin as _check_margin
+from .mining.checks import label_tensor as _label_tensor
+from .mining.checks import uniform as _uniform
 
 __all__ = [
     "SELECTIONS",

@@ -10,7 +10,10 @@ import math
 import numpy as np
 import torch
 
-from .losses import _bool_matrix, _check_embeddings, _label_tensor, squared_distances
+from .mining import squared_distances
+from .mining.checks import bool_matrix as _bool_matrix
+from .mining.checks import check_embeddings as _check_embeddings
+from .mining.checks import label_tensor as _label_tensor
 
 __all__ = ["evaluation_metric", "nmse", "ontology_asw"]
 

@@ -18,6 +18,7 @@ from scimtrain.losses import (
     squared_distances,
     triplet_loss,
 )
+from scimtrain.mining import cpu_path, dispatch, distances, segments, torch_path
 from scimtrain.model import Encoder
 from tests.reference_impl import (
     HAND_PARENTS,
@@ -137,7 +138,7 @@ def test_same_seed_same_triplets_and_chunking_does_not_matter():
     args = (torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(studies), desc)
     runs = [mine_triplets(*args, margin=0.5, selection="semihard",
                           generator=torch.Generator().manual_seed(11)) for _ in range(2)]
-    runs += [_mine_with(mining._TorchOps, emb, labels, studies, desc, "semihard", 0.5, 11,
+    runs += [_mine_with("torch", emb, labels, studies, desc, "semihard", 0.5, 11,
                         dummy_triplet=True, chunk_elements=ce) for ce in (1 << 22, 3000, 450)]
     for other in runs[1:]:
         assert _same(runs[0], other)
@@ -166,7 +167,7 @@ def test_duplicate_cells_fill_buckets(backend):
                                                   dummy_triplet=False)
         else:
             a, p, n, hard, viable = _mine_with(
-                mining._TorchOps, emb, labels, studies, HAND_DESC, selection, 0.3,
+                "torch", emb, labels, studies, HAND_DESC, selection, 0.3,
                 chunk_elements=600 if backend == "torch-blocks" else 1 << 22)
         assert (hard, viable) == (ref["num_hard"], ref["num_viable"])
         got = list(zip(a.tolist(), p.tolist(), n.tolist()))
@@ -360,19 +361,18 @@ def test_compute_loss_metrics():
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def _mine_with(ops, emb, labels, studies, desc, selection, margin, seed=0, negative_labels=None,
+def _mine_with(path, emb, labels, studies, desc, selection, margin, seed=0, negative_labels=None,
                dummy_triplet=False, **kwargs):
-    """Mine on the CPU path (``ops="cpu"``, ``threads`` optional) or the torch path
-    (``mining._TorchOps``, which CUDA runs; ``chunk_elements``, ``buckets``, ``per_bound``)."""
+    """Mine on the compiled CPU path (``path="cpu"``, ``threads`` optional) or the torch path
+    (``path="torch"``, which CUDA runs; ``chunk_elements``, ``buckets``, ``per_bound``)."""
     lab = torch.as_tensor(labels)
     args = (torch.as_tensor(emb), lab, lab if negative_labels is None else
             torch.as_tensor(negative_labels), None if studies is None else
             torch.as_tensor(studies), torch.as_tensor(desc).bool(), margin, selection,
             torch.Generator().manual_seed(seed))
-    if ops == "cpu":
-        return mining._mine_cpu(*args, dummy_triplet=dummy_triplet, **kwargs)
-    return mining._mine(ops, *args, dummy_triplet=dummy_triplet,
-                        chunk_elements=kwargs.pop("chunk_elements", 1 << 22), **kwargs)
+    if path == "cpu":
+        return cpu_path.mine(*args, dummy_triplet=dummy_triplet, **kwargs)
+    return torch_path.mine(*args, dummy_triplet=dummy_triplet, **kwargs)
 
 
 def _same(x, y):
@@ -389,13 +389,13 @@ def test_backends_threads_and_blocks_agree(selection, seed):
         base = _mine_with("cpu", emb, labels, st, desc, selection, 0.5, seed, threads=1)
         assert base[0].numel() > 0
         for ops, kw in [("cpu", {"threads": 2}), ("cpu", {"threads": 5}),
-                        (mining._TorchOps, {}), (mining._TorchOps, {"chunk_elements": 2000})]:
+                        ("torch", {}), ("torch", {"chunk_elements": 2000})]:
             assert _same(base, _mine_with(ops, emb, labels, st, desc, selection, 0.5, seed,
                                           **kw)), (ops, kw)
     perturbed = perturb_labels(torch.from_numpy(labels), parent, 0.5,
                                torch.Generator().manual_seed(seed)).numpy()
     runs = [_mine_with(ops, emb, perturbed, studies, desc, selection, 0.5, seed,
-                       negative_labels=labels) for ops in ("cpu", mining._TorchOps)]
+                       negative_labels=labels) for ops in ("cpu", "torch")]
     assert _same(*runs)
 
 
@@ -407,7 +407,7 @@ def test_bucket_resolution_changes_nothing(buckets, selection):
     emb, labels, studies, desc, _ = make_batch(8, n=200)
     ref = reference_mine(emb, labels, studies, desc, 0.5, selection)
     cpu = _mine_with("cpu", emb, labels, studies, desc, selection, 0.5)
-    coarse = _mine_with(mining._TorchOps, emb, labels, studies, desc, selection, 0.5,
+    coarse = _mine_with("torch", emb, labels, studies, desc, selection, 0.5,
                         buckets=buckets, per_bound=0)
     assert _same(cpu, coarse)
     assert (cpu[3], cpu[4]) == (ref["num_hard"], ref["num_viable"])
@@ -419,10 +419,10 @@ def test_group_is_a_stable_counting_sort():
     expect_order = np.argsort(keys, kind="stable")
     expect_starts = np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=53))])
     values = rng.normal(size=1000).astype(np.float32)
-    out, starts = mining._TorchOps.group(torch.from_numpy(keys), 53, torch.from_numpy(values))
+    out, starts = segments.group(torch.from_numpy(keys), 53, torch.from_numpy(values))
     np.testing.assert_array_equal(out.numpy(), values[expect_order])
     np.testing.assert_array_equal(starts.numpy(), expect_starts)
-    out, starts = mining._TorchOps.group(torch.from_numpy(keys[:0]), 5,
+    out, starts = segments.group(torch.from_numpy(keys[:0]), 5,
                                          torch.from_numpy(values[:0]))
     assert out.numel() == 0 and starts.tolist() == [0] * 6
 
@@ -434,7 +434,7 @@ def test_margin_below_the_distances_rounding_step():
     emb = (emb * 3.0).astype(np.float32)
     for selection in ("semihard", "random", "hardest"):
         cpu = _mine_with("cpu", emb, labels, studies, desc, selection, 1e-9)
-        assert _same(cpu, _mine_with(mining._TorchOps, emb, labels, studies, desc, selection,
+        assert _same(cpu, _mine_with("torch", emb, labels, studies, desc, selection,
                                      1e-9))
         if selection == "semihard":
             assert cpu[0].numel() == 0
@@ -455,7 +455,7 @@ def test_subnormal_distances_and_margin(dtype, exponent):
     for selection in ("semihard", "random", "hardest"):
         ref = reference_mine(emb, labels, None, desc, margin, selection, dist=dist)
         cpu = _mine_with("cpu", emb, labels, None, desc, selection, margin)
-        assert _same(cpu, _mine_with(mining._TorchOps, emb, labels, None, desc, selection,
+        assert _same(cpu, _mine_with("torch", emb, labels, None, desc, selection,
                                      margin))
         assert (cpu[3], cpu[4]) == (ref["num_hard"], ref["num_viable"])
         got = set(zip(*(t.tolist() for t in cpu[:3])))
@@ -469,34 +469,46 @@ def test_squared_distances_mirror_their_upper_half(n):
     emb = torch.from_numpy(make_batch(1, n=n, dim=5)[0])
     dist = squared_distances(emb)
     np.testing.assert_allclose(dist.numpy(), reference_distances(emb.numpy()), atol=1e-12)
-    if n >= mining._HALVES_FROM:
+    if n >= distances.HALVES_FROM:
         h = n // 2
         assert torch.equal(dist[h:, :h], dist[:h, h:].T)
 
 
 @pytest.mark.parametrize("dtype, int_dtype", [(np.float32, np.int32), (np.float64, np.int64)])
 def test_cpu_step_up_is_nextafter(dtype, int_dtype):
-    from scimtrain import mining_cpu
-
     info = np.finfo(dtype)
     edge = [0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal, info.tiny, -info.tiny,
             1.0, -1.0, 1.9999999, -2.5e-8, info.max / 2, -info.max]
     values = np.concatenate([np.array(edge, dtype),
                              np.random.default_rng(0).normal(size=1000).astype(dtype)])
     stepped = values.copy()
-    mining_cpu._step_up(stepped, np.zeros(0, int_dtype))
+    cpu_path._step_up(stepped, np.zeros(0, int_dtype))
     expected = np.nextafter(values, dtype(np.inf))
     assert np.array_equal(stepped.view(int_dtype), expected.view(int_dtype))
 
 
 def test_cpu_row_blocks_cover_every_row_once():
-    from scimtrain import mining_cpu
-
     pair_start = np.concatenate([[0], np.cumsum([50, 0, 0, 3, 400, 1, 0, 7] * 20)])
     for blocks in (1, 2, 7, 16, 500):
-        edges = mining_cpu._row_blocks(pair_start, blocks)
+        edges = cpu_path._row_blocks(pair_start, blocks)
         assert edges[0] == 0 and edges[-1] == 160 and len(edges) - 1 <= blocks
         assert (np.diff(edges) > 0).all()
+
+
+def test_cpu_miner_variable_routes_the_cpu_to_either_path(monkeypatch):
+    emb, labels, studies, desc, _ = make_batch(2, n=150)
+    args = (torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(studies), desc)
+
+    def mine(name):
+        monkeypatch.setenv(dispatch.CPU_MINER_ENV, name)
+        return mine_triplets(*args, margin=0.5, selection="semihard",
+                             generator=torch.Generator().manual_seed(0))
+
+    compiled = mine("compiled")
+    monkeypatch.setattr(cpu_path, "mine", lambda *a, **k: pytest.fail("compiled path ran"))
+    assert _same(compiled, mine("torch"))
+    with pytest.raises(ValueError, match=dispatch.CPU_MINER_ENV):
+        mine("numba")
 
 
 def test_hardest_takes_the_lowest_index_among_equal_distances():
@@ -504,7 +516,7 @@ def test_hardest_takes_the_lowest_index_among_equal_distances():
     pts = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.0, 1.0]],
                        dtype=torch.float64)
     labels = torch.tensor([2, 2, 5, 7, 8, 6])
-    for ops in ("cpu", mining._TorchOps):
+    for ops in ("cpu", "torch"):
         a, p, n, _, _ = _mine_with(ops, pts, labels, None, HAND_DESC, "hardest", 1.0)
         assert (a.tolist(), p.tolist(), n.tolist()) == ([0], [1], [2])
 

@@ -1,14 +1,23 @@
-"""Shared fixtures: small stores built once per test session."""
+"""Shared fixtures: small stores built once per test session, and small training runs."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from scimtrain.build import build_training
+from scimtrain.config import TrainingConfig
 from scimtrain.synthetic import SyntheticConfig, make_synthetic_store
+from scimtrain.trainer import Trainer
 from scimtrain.writer import write_store
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "bin" / "train.py")
 
 # The tiny synthetic store: a few thousand cells, a few hundred genes (DEVELOPERS: tests stay fast).
 TINY = SyntheticConfig(n_cells=3000, n_genes=300, n_studies=6, samples_per_study=3,
@@ -46,3 +55,43 @@ def hand_store(path, cells: pd.DataFrame, counts: sp.csr_matrix | None = None,
         samples = (cells[["datasetID", "sampleID"]].drop_duplicates().reset_index(drop=True)
                    .assign(disease="normal"))
     return write_store(path, cells, genes, samples, counts, **kwargs)
+
+
+# --------------------------------------------------------------------------- small runs
+
+
+def small_run_flags(store: str, out: Path) -> list[str]:
+    return ["--tiledb", store, "--filter_condition", TINY_FILTER,
+            "--val_studies", "study_04", "study_05", "-b", "48", "-n", "4", "-e", "2",
+            "--val_batches", "2", "--hidden_dim", "32", "32", "--latent_dim", "8",
+            "--num_workers", "0", "--no_progress", "--suffix", "t",
+            "--model_folder", str(out / "models"), "--result_folder", str(out / "results"),
+            "--log_folder", str(out / "logs")]
+
+
+NAME = "model_48_0.05_8_2_0.001_t"
+SMALL = dict(filter_condition=TINY_FILTER, val_studies=["study_04", "study_05"], batch_size=48,
+             n_batches=5, val_batches=2, pool_batches=2, hidden_dim=[32, 32], latent_dim=8,
+             num_workers=0, max_epochs=3, checkpoint_every=4, no_progress=True, suffix="t")
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_store):
+    return tiny_store
+
+
+def make_trainer(store: str, out: Path | None, step_wrapper=None, **changes) -> Trainer:
+    """A small run built as bin/train.py builds it; its files go under ``out``."""
+    out = Path(tempfile.mkdtemp()) if out is None else out
+    config = TrainingConfig(**{**SMALL, "tiledb": store, "model_folder": str(out / "models"),
+                               "result_folder": str(out / "results"),
+                               "log_folder": str(out / "logs"), **changes})
+    run = build_training(config)
+    if step_wrapper:
+        run.trainer.step_fn = step_wrapper(run.objective)
+    return run.trainer
+
+
+def run_folder(out: Path) -> Path:
+    """Where make_trainer's run keeps logs and checkpoints."""
+    return out / "logs" / NAME / "t"

@@ -4,8 +4,8 @@ checkpoints, two runs in one folder, changed settings, bad config values, bad ou
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,10 +20,7 @@ from scimtrain.build import build_training
 from scimtrain.checkpoint import CheckpointError
 from scimtrain.config import DEMO_DEFAULTS, TrainingConfig, parse_args
 from scimtrain.trainer import weights_digest
-from tests.conftest import TINY_FILTER
-from tests.test_train import TRAIN, make_trainer, parts, small_run_flags  # noqa: F401
-
-NAME = "model_48_0.05_8_2_0.001_t"
+from tests.conftest import NAME, TINY_FILTER, TRAIN, make_trainer, run_folder, small_run_flags
 
 
 def env(threads: int = 2) -> dict:
@@ -139,7 +136,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(parts, tmp_path):
 
     with pytest.raises(Killed):
         make_trainer(parts, tmp_path / "run", dies_at_step_9).fit()
-    folder = tmp_path / "run" / "checkpoints"
+    folder = run_folder(tmp_path / "run") / "checkpoints"
     newest, older = folder / "step-00000008", folder / "step-00000005"
     assert newest.is_dir() and older.is_dir()
     data = (newest / "trainer.pt").read_bytes()
@@ -158,18 +155,18 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(parts, tmp_path):
 
 
 def test_second_run_in_the_same_folder_is_refused_and_a_dead_lock_taken_over(parts, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir = run_folder(tmp_path / "run")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from scimtrain import runlock; "
          f"runlock.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(runlock.RunLockedError, match=f"process {holder.pid} on "):
-        make_trainer(parts, run_dir, max_epochs=1).fit()
+        make_trainer(parts, tmp_path / "run", max_epochs=1).fit()
     assert not (run_dir / "checkpoints").exists()  # refused before writing anything
     holder.kill()  # kill -9: the lock file stays, the lock goes with the process
     holder.wait()
-    trainer = make_trainer(parts, run_dir, max_epochs=1)
+    trainer = make_trainer(parts, tmp_path / "run", max_epochs=1)
     trainer.fit()
     assert trainer.state.step == 5
     runlock.acquire(run_dir)  # released after fit: free again

@@ -16,33 +16,17 @@ import torch
 
 from scimtrain import checkpoint as checkpoint_module
 from scimtrain.checkpoint import CheckpointError, load_file
-from scimtrain.cli import parse_args
-from scimtrain.losses import LossConfig
-from scimtrain.model import Encoder, EncoderDecoder
-from scimtrain.objective import MetricLearningObjective
-from scimtrain.ontology import CellOntology
-from scimtrain.selection import SelectionConfig, select_cells
-from scimtrain.store import CellArrStore
-from scimtrain.stream import CellStream, CellTable, StreamConfig
-from scimtrain.trainer import Trainer, TrainerConfig, weights_digest
-from tests.conftest import TINY_FILTER
+from scimtrain.config import parse_args
+from scimtrain.model import Encoder
+from scimtrain.trainer import weights_digest
+from tests.conftest import TRAIN, make_trainer, run_folder, small_run_flags
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = str(REPO / "bin" / "train.py")
 SPEC_TRAIN_TAGS = {"loss", "triplet_loss", "mse", "hard_triplets", "num_nonzero_loss",
                    "num_hard_triplets", "num_viable_triplets", "l1_penalty", "lr"}
 SPEC_VAL_TAGS = {"loss", "triplet_loss", "mse", "hard_triplets", "num_nonzero_loss",
                  "num_hard_triplets", "num_viable_triplets", "asw", "nmse",
                  "evaluation_metric"}
-
-
-def small_run_flags(store: str, out: Path) -> list[str]:
-    return ["--tiledb", store, "--filter_condition", TINY_FILTER,
-            "--val_studies", "study_04", "study_05", "-b", "48", "-n", "4", "-e", "2",
-            "--val_batches", "2", "--hidden_dim", "32", "32", "--latent_dim", "8",
-            "--num_workers", "0", "--no_progress", "--suffix", "t",
-            "--model_folder", str(out / "models"), "--result_folder", str(out / "results"),
-            "--log_folder", str(out / "logs")]
 
 
 def run_script(args: list[str], launcher: list[str] | None = None, timeout: int = 300,
@@ -133,31 +117,6 @@ def test_two_processes_train_one_model(tiny_store, tmp_path):
 # --------------------------------------------------------------------------- in-process
 
 
-@pytest.fixture(scope="module")
-def parts(tiny_store):
-    store = CellArrStore(tiny_store)
-    selection = select_cells(store, SelectionConfig(filter_condition=TINY_FILTER,
-                                                    val_studies=("study_04", "study_05")))
-    descendant = CellOntology.default().descendant_matrix(selection.label_ids)
-    return store, selection, descendant
-
-
-def make_trainer(parts, run_dir: Path | None, step_wrapper=None, **config) -> Trainer:
-    store, selection, descendant = parts
-    stream = StreamConfig(batch_size=48, n_batches=5, num_workers=0, pool_batches=2)
-    train = CellStream(store, CellTable.from_frame(selection.train), selection.gene_indices,
-                       stream)
-    val = CellStream(store, CellTable.from_frame(selection.val), selection.gene_indices,
-                     StreamConfig(batch_size=48, n_batches=2, num_workers=0, seed=1))
-    torch.manual_seed(0)
-    model = EncoderDecoder(len(selection.gene_order), latent_dim=8, hidden_dim=[32, 32])
-    objective = MetricLearningObjective(descendant, LossConfig(), l1=1e-4)
-    step = step_wrapper(objective) if step_wrapper else objective
-    settings = {"max_epochs": 3, "run_dir": str(run_dir) if run_dir else None,
-                "checkpoint_every": 4, "progress": False, **config}
-    return Trainer(model, step, train, val, TrainerConfig(**settings))
-
-
 class Killed(Exception):
     pass
 
@@ -181,6 +140,7 @@ def test_exact_resume_mid_epoch(parts, tmp_path):
         interrupted.fit()
     assert [p.name for p in interrupted.checkpoints.complete()] == ["step-00000004",
                                                                      "step-00000005"]
+    assert interrupted.run_dir == run_folder(tmp_path / "run")
     resumed = make_trainer(parts, tmp_path / "run")
     history = resumed.fit()
     assert weights_digest(resumed.raw_model) == expected  # bitwise

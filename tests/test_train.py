@@ -19,7 +19,7 @@ from scimtrain.checkpoint import CheckpointError, load_file
 from scimtrain.config import parse_args
 from scimtrain.model import Encoder
 from scimtrain.trainer import weights_digest
-from tests.conftest import TRAIN, make_trainer, run_folder, small_run_flags
+from tests.conftest import NAME, SMALL, TRAIN, make_trainer, run_folder, small_run_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_TRAIN_TAGS = {"loss", "triplet_loss", "mse", "hard_triplets", "num_nonzero_loss",
@@ -189,16 +189,40 @@ def test_bf16_on_cpu_runs(parts):
     assert np.isfinite(history[-1]["loss"]) and np.isfinite(history[-1]["asw"])
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
-    """The README's 'embedding the loop' example, executed as written."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Embedding the loop in your own code", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def readme_examples() -> list[str]:
+    section = (REPO / "README.md").read_text().split("## Embedding the loop in your own code",
+                                                      1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_build_training_example_runs(tiny_store, tmp_path, monkeypatch):
+    """The README's build_training example, as written but for the store and run size."""
+    code = readme_examples()[0]
+    line = re.search(r"config = scimtrain\.TrainingConfig\(.*?\)\n", code, re.S).group(0)
+    small = {k: v for k, v in SMALL.items() if k != "checkpoint_every"}
+    code = code.replace(line, f"config = scimtrain.TrainingConfig(tiledb={tiny_store!r}, "
+                              f"**{small!r})\n")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    history = namespace["history"]
-    assert len(history) == 3 and 0.0 <= history[-1]["accuracy"] <= 1.0
+    metrics = namespace["test_metrics"]
+    assert metrics == json.loads((tmp_path / "results" / NAME / f"{NAME}.test.json").read_text())
+    assert (tmp_path / "models" / NAME / "encoder.ckpt").is_file()
+    assert "train/labels_per_batch" in scalar_tags(tmp_path / "logs" / NAME / "t")
+
+
+def test_readme_trainer_example_runs(tmp_path, monkeypatch):
+    """The README's plain Trainer example, executed as written."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_examples()[1], "README.md", "exec"), namespace)
+    history, trainer = namespace["history"], namespace["trainer"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    model = trainer.raw_model.eval()
+    with torch.no_grad():  # the logged accuracy is the final model's on the validation data
+        accuracy = np.mean([float((model(x).argmax(1) == y).float().mean())
+                            for x, y in namespace["batches"][:4]])
+    assert history[-1]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
     assert (tmp_path / "runs" / "classifier" / "checkpoints").is_dir()
 
 

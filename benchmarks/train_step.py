@@ -2,7 +2,7 @@
 """Where a training step's time goes: data wait, forward, mining (loss), backward + optimiser.
 
     python benchmarks/train_step.py --store PATH [--steps 12] [--batch-size 1000]
-        [--workers 2] [--device cpu|cuda] [--sparse-batches]
+        [--workers 2] [--device cpu|cuda] [--sparse-batches] [--cpu-miner compiled|torch]
 
 Runs scimtrain's own loop (Trainer + MetricLearningObjective + CellStream, SCimilarity's
 default model) for one epoch of ``--steps`` steps, reads the step-time breakdown back from the

@@ -13,6 +13,12 @@
    one is served (TileDB releases the GIL). Memory is bounded by ``(1 + prefetch_pools)`` raw
    pools per reading process plus the DataLoader's queue of finished batches.
 
+With a training cache (``cache=``, :mod:`scimtrain.cache`), steps 2 and 3 are one gather per
+batch: rows ``cache_offset + positions`` of memory-mapped CSR files that hold the very values
+step 3 computes (bit for bit), so no TileDB query is made while training. Dense batches (and
+cached CSR batches) are filled into buffers that are reused once the consumer has dropped
+them (:mod:`scimtrain.cache.buffers`), in shared memory inside workers.
+
 Workers: iterating a stream with ``num_workers > 0`` starts a DataLoader over the stream
 itself; batch ``k`` of the epoch is made by worker ``k % num_workers``, which is exactly the
 order the DataLoader returns them in, so the batches are the same for any number of workers.
@@ -129,6 +135,10 @@ class CellStream(IterableDataset):
             every store gene in store order.
         config: loader knobs.
         rank, world_size: this process's place among the training processes.
+        cache: a :class:`~scimtrain.cache.TrainingCache` holding these cells (and genes):
+            batches are gathered from it instead of read from the store.
+        cache_offset: the cache row of ``cells``' first cell (0 for the training split,
+            ``len(train)`` for the validation split of a cache built on train + val).
     """
 
     def __init__(self, store: CellArrStore | str, cells: CellTable,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import time
 
 import numpy as np
 import pytest
@@ -114,13 +113,11 @@ def toy(tmp_path) -> CellOntology:
 
 
 # ---------------------------------------------------------------- the shipped snapshot
-def test_default_loads_offline_fast_and_is_cached():
+def test_default_loads_offline_and_is_cached():
     from scimtrain.ontology import _load_default
 
     _load_default.cache_clear()
-    t0 = time.perf_counter()
     cl = CellOntology.default()
-    assert time.perf_counter() - t0 < 1.0
     assert CellOntology.default() is cl
     assert len(cl) > 3000
     assert cl.version.startswith("CL v2026-03-26")
@@ -160,14 +157,14 @@ def test_default_name_id_round_trip_and_obsolete_terms():
     assert cl.parents("CL:0000044") == ()
 
 
-def test_default_descendant_matrix_fast():
+def test_default_descendant_matrix():
     cl = CellOntology.default()
-    ids = [t for t in cl if not cl.is_obsolete(t)][::30][:100]
-    cl.descendant_matrix(ids)
-    t0 = time.perf_counter()
+    ids = [t for t in cl if not cl.is_obsolete(t)][::30][:100] + ["CL:0000084", "CL:0000815"]
     m = cl.descendant_matrix(ids)
-    assert time.perf_counter() - t0 < 0.05
     assert m.shape == (len(ids), len(ids)) and m.dtype == bool
+    expected = [[b in cl.descendants(a) for b in ids] for a in ids]
+    assert m.tolist() == expected and m[-2, -1] and not m[-1, -2]  # Treg under T cell
+    assert (cl.descendant_matrix(ids) == m).all()  # the cached answer is the same
 
 
 # ---------------------------------------------------------------- matrices

@@ -249,7 +249,6 @@ def test_bad_stream_config():
 
 def test_prefetch_order_errors_and_early_stop():
     import threading
-    import time
 
     from scimtrain.prefetch import prefetch
 
@@ -266,10 +265,9 @@ def test_prefetch_order_errors_and_early_stop():
             got.append(item)
     assert got == [1]
     before = threading.active_count()
-    started = time.perf_counter()
     for item in prefetch(iter(range(100)), 1):  # the consumer leaves with the buffer full
         break
-    assert threading.active_count() == before and time.perf_counter() - started < 5
+    assert threading.active_count() == before  # the producer thread stopped and was joined
 
 
 def test_pools_ramp_up_to_the_pool_size():

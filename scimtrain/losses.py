@@ -8,6 +8,7 @@ re-exported here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,9 +22,12 @@ from .mining.checks import label_tensor as _label_tensor
 from .mining.checks import uniform as _uniform
 
 __all__ = [
+    "L1_LAYERS",
     "SELECTIONS",
     "LossConfig",
+    "MinedTriplets",
     "compute_loss",
+    "l1_layer",
     "l1_penalty",
     "mine_triplets",
     "mixed_loss",
@@ -144,22 +148,50 @@ def mixed_loss(triplet: torch.Tensor, mse: torch.Tensor, triplet_weight: float) 
     return w * triplet + (1.0 - w) * mse
 
 
-def l1_penalty(encoder: nn.Module, l1: float, lr: float) -> torch.Tensor:
-    """``l1 * lr * (sum|W| + sum|b|)`` of the encoder's first ``nn.Linear`` (SPEC §5).
+L1_LAYERS = ("last", "first")
 
-    ``lr`` is the scheduler's current learning rate. Returns a 0-d tensor on the
-    parameters' device (a plain 0 when ``l1 == 0``).
+
+def l1_layer(encoder: nn.Module, layer: str = "last") -> nn.Linear:
+    """The encoder ``nn.Linear`` that the L1 penalty applies to (SPEC §5).
+
+    ``"last"``: the bottleneck Linear, which SCimilarity's code penalises (its loop over
+    ``encoder.network`` finds no other top-level Linear) and its released models were trained
+    with; ``"first"``: the first hidden Linear, the documented intent (gene-level sparsity).
     """
-    first = next((m for m in encoder.modules() if isinstance(m, nn.Linear)), None)
-    if first is None:
+    if layer not in L1_LAYERS:
+        raise ValueError(f"layer must be one of {L1_LAYERS} (SCimilarity's code: 'last'), "
+                         f"got {layer!r}")
+    linears = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
+    if not linears:
         raise ValueError("encoder has no nn.Linear layer to apply the L1 penalty to")
+    return linears[-1] if layer == "last" else linears[0]
+
+
+def l1_penalty(encoder: nn.Module, l1: float, lr: float, layer: str = "last") -> torch.Tensor:
+    """``l1 * lr * (sum|W| + sum|b|)`` of one encoder ``nn.Linear`` (SPEC §5).
+
+    ``layer`` picks it (see :func:`l1_layer`): ``"last"`` (default, SCimilarity's behaviour)
+    or ``"first"``. ``lr`` is the scheduler's current learning rate. Returns a 0-d tensor on
+    the parameters' device (zero when ``l1 == 0``).
+    """
+    linear = l1_layer(encoder, layer)
     if l1 == 0:
-        return first.weight.new_zeros(())
-    norm = sum(p.abs().sum() for p in first.parameters())
+        return linear.weight.new_zeros(())
+    norm = sum(p.abs().sum() for p in linear.parameters())
     return float(l1) * float(lr) * norm
 
 
 # ----------------------------------------------------------------------------- entry point
+
+
+class MinedTriplets(NamedTuple):
+    """The triplets a loss used: batch positions (int64, on the embeddings' device) and the
+    labels they were mined with (the perturbed ones when labels are perturbed)."""
+
+    anchor: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    labels: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -200,7 +232,9 @@ def compute_loss(
     *,
     parent: torch.Tensor | np.ndarray | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return_triplets: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | tuple[
+        torch.Tensor, dict[str, torch.Tensor], MinedTriplets]:
     """One step's loss and its SPEC §6 metrics.
 
     Args:
@@ -213,6 +247,8 @@ def compute_loss(
         config: margin, weight, selection, perturbation settings.
         parent: L×L bool direct-parent matrix; required when ``config.perturb_labels``.
         generator: the only source of randomness.
+        return_triplets: also return the :class:`MinedTriplets` the loss used (triplet
+            tracking reads them instead of mining again).
 
     Returns:
         ``(loss, metrics)``: ``loss`` carries the gradient; ``metrics`` maps ``loss``,
@@ -220,7 +256,8 @@ def compute_loss(
         no viable triplets), ``num_nonzero_loss``, ``num_hard_triplets`` and
         ``num_viable_triplets`` to detached 0-d float tensors on the embedding's device
         (call ``.item()`` when logging, after ``backward``, to avoid an extra sync). The
-        trainer adds the L1 penalty and learning rate.
+        trainer adds the L1 penalty and learning rate. With ``return_triplets``, a third
+        element: the :class:`MinedTriplets`.
     """
     mine_labels, negative_labels = labels, None
     if config.perturb_labels:
@@ -256,4 +293,6 @@ def compute_loss(
         "num_hard_triplets": scalar(float(num_hard)),
         "num_viable_triplets": scalar(float(num_viable)),
     }
+    if return_triplets:
+        return loss, metrics, MinedTriplets(anchor, positive, negative, mine_labels)
     return loss, metrics

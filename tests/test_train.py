@@ -77,18 +77,36 @@ def test_train_script_end_to_end(tiny_store, tmp_path):
     assert json.loads((folder / "metadata.json").read_text())["store"] == tiny_store
     train_cells = pd.read_csv(folder / "train_cells.csv.gz", index_col=0)
     assert set(train_cells["label_name"]) == set(labels.values())
-    assert (folder / "val_cells.csv.gz").is_file() and (folder / "best" / "encoder.ckpt").is_file()
+    val_cells = pd.read_csv(folder / "val_cells.csv.gz", index_col=0)
+    assert set(val_cells["study"]) == {"study_04", "study_05"}
     metrics = json.loads((tmp_path / "results" / name / f"{name}.test.json").read_text())
     assert SPEC_VAL_TAGS <= set(metrics)
-    assert all(np.isfinite(v) for v in metrics.values())
+    assert metrics["evaluation_metric"] == pytest.approx((1 - metrics["asw"]) / 2
+                                                         + metrics["nmse"])
     tags = scalar_tags(tmp_path / "logs" / name / "t")
     assert {f"train/{t}" for t in SPEC_TRAIN_TAGS} <= tags
     assert {f"val/{t}" for t in SPEC_VAL_TAGS} <= tags
     assert {"time/data_wait", "time/forward", "time/mining", "time/backward",
             "train/cells_per_s"} <= tags
     assert "labels" in done.stdout  # the selection summary
+    # best/ holds the weights of the epoch with the lowest validation evaluation_metric: the
+    # epoch-end checkpoint of that epoch (2 epochs of 4 steps, both checkpoints kept).
+    run_dir = tmp_path / "logs" / name / "t"
+    scores = scalar_values(run_dir, "val/evaluation_metric")
+    best_step = min(scores, key=scores.get)
+    saved = load_file(run_dir / "checkpoints" / f"step-{best_step:08d}" / "trainer.pt")["model"]
+    best = torch.load(folder / "best" / "encoder.ckpt", weights_only=True)["state_dict"]
+    assert best.keys() and all(torch.equal(best[k], saved[f"encoder.{k}"]) for k in best)
     again = run_script(small_run_flags(tiny_store, tmp_path))
     assert "already exists" in again.stdout
+
+
+def scalar_values(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(next(run_dir.glob("events.out.tfevents.*"))))
+    accumulator.Reload()
+    return {e.step: e.value for e in accumulator.Scalars(tag)}
 
 
 def test_two_processes_train_one_model(tiny_store, tmp_path):
@@ -186,6 +204,7 @@ def test_bf16_on_cpu_runs(parts):
     trainer = make_trainer(parts, None, max_epochs=1, mixed_precision="bf16")
     history = trainer.fit()
     assert trainer.state.step == 5
+    assert trainer.accelerator.mixed_precision == "bf16"
     assert np.isfinite(history[-1]["loss"]) and np.isfinite(history[-1]["asw"])
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from scimtrain import __version__
+from scimtrain import __version__, determinism
 from scimtrain.checkpoint import BEST_WEIGHTS, load_file
 from scimtrain.columns import LABEL_INT, WEIGHT
 from scimtrain.config import ConfigError, TrainingConfig
@@ -183,6 +183,8 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
     if uri is None:
         raise ValueError("config.tiledb is not set: name a store (or use bin/train.py, which "
                          "builds the demo store)")
+    if config.deterministic:  # before any CUDA work: cuBLAS reads its setting once
+        determinism.configure(True)
     accelerator = accelerator or make_accelerator(config.mixed_precision,
                                                   cpu=True if config.cpu else None)
     store = CellArrStore(uri, counts=config.counts_location)

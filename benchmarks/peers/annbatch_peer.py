@@ -77,12 +77,12 @@ def main() -> None:
                         preload_to_gpu=False, to=None, rng=np.random.default_rng(args.seed))
         loader = loader.use_collection(collection, load_adata=x_only)
 
-    out = np.empty((args.batch_size, loader.n_var), dtype=np.float32)
     first_shape = None
 
     def dense(batch: dict) -> int:
+        # A new array per batch, as the other loaders hand out (a training loop keeps it).
         nonlocal first_shape
-        x = lognormalize_dense(batch["X"], args.target_sum, out=out[: batch["X"].shape[0]])
+        x = lognormalize_dense(batch["X"], args.target_sum)
         first_shape = first_shape or list(x.shape)
         return x.shape[0]
 

@@ -7,8 +7,10 @@ Runs in its own virtual environment (``pip install bionemo-scdl``; it needs torc
 ``SingleCellMemMapDataset(data_path, h5ad_path=...)`` writes memory-mapped CSR arrays (the
 export has its counts in ``X``, hence ``use_X_not_raw=True``). Loading is SCDL's documented
 one: a torch ``DataLoader`` over the dataset, ``shuffle=True`` (one random cell per
-``__getitem__``), ``collate_sparse_matrix_batch``; each batch is then log-normalised and
-densified to full width in the worker's collate function, as scimtrain's workers do.
+``__getitem__``), ``collate_sparse_matrix_batch`` in the workers; each CSR batch is then
+log-normalised and densified to full width in the training process, as SCDL's examples
+densify after loading. (Densifying in the workers' collate instead, as scimtrain's workers do,
+measured 1.7-2.0k against 2.8-4.3k cells/s here: the dense batch then crosses processes.)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
@@ -44,17 +47,11 @@ def convert(h5ad: Path, work: Path) -> tuple[SingleCellMemMapDataset, float | No
     return dataset, seconds
 
 
-class DenseCollate:
-    """SCDL's CSR collate, then full-width dense log-normalised float32 (in the worker)."""
-
-    def __init__(self, n_genes: int, target_sum: float) -> None:
-        self.n_genes, self.target_sum = n_genes, target_sum
-
-    def __call__(self, items: list[torch.Tensor]) -> torch.Tensor:
-        csr = collate_sparse_matrix_batch(items)
-        counts = sp.csr_matrix((csr.values().numpy(), csr.col_indices().numpy(),
-                                csr.crow_indices().numpy()), shape=(len(items), self.n_genes))
-        return torch.from_numpy(lognormalize_dense(counts, self.target_sum))
+def dense(csr: torch.Tensor, n_genes: int, target_sum: float) -> np.ndarray:
+    """SCDL's CSR batch (width: its largest column + 1) as full-width log-normalised float32."""
+    counts = sp.csr_matrix((csr.values().numpy(), csr.col_indices().numpy(),
+                            csr.crow_indices().numpy()), shape=(csr.shape[0], n_genes))
+    return lognormalize_dense(counts, target_sum)
 
 
 def main() -> None:
@@ -64,12 +61,12 @@ def main() -> None:
     dataset, convert_s = convert(Path(args.h5ad), work)
     n_genes = int(dataset.number_of_variables()[0])
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                        num_workers=args.workers, collate_fn=DenseCollate(n_genes,
-                                                                          args.target_sum),
+                        num_workers=args.workers, collate_fn=collate_sparse_matrix_batch,
                         generator=torch.Generator().manual_seed(args.seed))
     shapes: list[list[int]] = []
 
-    def rows(x: torch.Tensor) -> int:
+    def rows(batch: torch.Tensor) -> int:
+        x = dense(batch, n_genes, args.target_sum)
         if not shapes:
             shapes.append(list(x.shape))
         return x.shape[0]
@@ -80,7 +77,7 @@ def main() -> None:
            cells_per_s=cells / seconds, batch_shape=shapes[0] if shapes else None,
            rows=int(dataset.number_of_rows()), peak_rss_gib=peak_rss_gib(),
            settings=f"DataLoader shuffle=True, {args.workers} workers, "
-                    "collate_sparse_matrix_batch")
+                    "collate_sparse_matrix_batch, densified in the training process")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,29 @@ class TrainingConfig:
     log_folder: str = _opt("logs", group="output")
     no_progress: bool = _opt(False, "no progress bar", group="output")
     debug: bool = _opt(False, "show tracebacks for errors in the input", group="output")
+    # SCimilarity's optional training features (SPEC §9, issue 14)
+    l1_layer: str = _opt(
+        "last", "encoder Linear the L1 penalty applies to: last (the bottleneck, what "
+        "SCimilarity's code penalises) or first (gene-level sparsity)",
+        group="optional features", choices=("last", "first"))
+    init_from: str | None = _opt(
+        None, "start from this model folder's encoder and decoder (scimtrain's or "
+        "SCimilarity's release layout); its gene order unless --gene_order is given",
+        group="optional features", metavar="MODEL_FOLDER")
+    freeze: int = _opt(
+        0, "1 (with --init_from): freeze every encoder Linear and BatchNorm (statistics too) "
+        "except the bottleneck Linear", group="optional features", choices=(0, 1))
+    dynamic_weights: int = _opt(
+        0, "1: after each batch the drawn cells' sampling weights are multiplied by "
+        "--dynamic_weight_decay (floor 0.01), per rank", group="optional features",
+        choices=(0, 1))
+    dynamic_weight_decay: float = _opt(0.5, group="optional features", at_least=0, at_most=1)
+    track_triplets: str | None = _opt(
+        None, "write each training step's mined triplets to DIR/train_triplets.{step}.csv.gz",
+        group="optional features", metavar="DIR")
+    track_triplets_above_step: int = _opt(
+        -1, "track only the steps above this one (steps count from 0)",
+        group="optional features")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -144,6 +167,9 @@ class TrainingConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not self.hidden_dim:
             raise ConfigError("hidden_dim needs at least one size, e.g. [1024, 1024, 1024]")
+        if self.freeze and not self.init_from:
+            raise ConfigError("freeze 1 freezes the layers of a loaded model: give --init_from "
+                              "MODEL_FOLDER too")
         if self.resume not in ("auto", "none") and not os.path.isdir(self.resume):
             raise ConfigError(f"resume {self.resume!r}: give auto, none, or an existing "
                               "checkpoint folder")

@@ -73,6 +73,7 @@ def checkpoints(out: Path) -> list[Path]:
 # --------------------------------------------------------------------------- 1. exact resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_kill_9_and_resume_is_exact_with_two_workers(tiny_store, tmp_path, method):
     """kill -9 mid-run, start again: the weights equal an uninterrupted run's, bit for bit."""
@@ -199,6 +200,7 @@ def test_resume_with_other_data_settings_is_refused(tiny_store, tmp_path):
 # --------------------------------------------------------------------------- 6. preemption
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_and_exits(tiny_store, tmp_path, sig):
     out = tmp_path / "run"
@@ -216,6 +218,7 @@ def test_preemption_signal_checkpoints_and_exits(tiny_store, tmp_path, sig):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_sigint_in_the_foreground_and_the_background(tiny_store, tmp_path):
     """Foreground: Ctrl-C ends the run with one line. Background (the shell ignores SIGINT
     for it): SIGINT is ignored, as asked, instead of crashing inside TileDB's handler."""

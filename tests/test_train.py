@@ -109,6 +109,7 @@ def scalar_values(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in accumulator.Scalars(tag)}
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model(tiny_store, tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 on CPU forms one gloo group."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -245,6 +246,7 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "classifier" / "checkpoints").is_dir()
 
 
+@pytest.mark.slow
 def test_rank_without_triplets_does_not_hang(tmp_path):
     """Two processes; rank 1's batches hold one label in one study: no triplet there."""
     script = tmp_path / "ddp.py"

@@ -41,7 +41,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 import pandas as pd
@@ -90,7 +89,7 @@ class PeakRSS:
             self.peak = max(self.peak, total)
             self._stop.wait(0.1)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 
@@ -258,7 +257,7 @@ class MemoryBesidesCache:
                 self.peaks[role] = max(self.peaks[role], sample)
             self._stop.wait(0.05)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> MemoryBesidesCache:
         self._thread.start()
         return self
 

@@ -4,9 +4,10 @@
 Runs in its own virtual environment (Python >= 3.12; ``pip install "annbatch[zarrs]"``);
 ``benchmarks/loader_throughput.py --peers annbatch`` calls it. Conversion follows annbatch's
 README: ``DatasetCollection.add_adatas(..., shuffle=True)`` pre-shuffles the cells into
-sharded zarr. Loading follows it too: ``Loader(chunk_size=32, shuffle=True)``, ~8,192
-cells preloaded at a time, reads blocks of 32 contiguous (pre-shuffled) cells and yields CSR batches of
-raw counts; each is log-normalised and densified here, as a CPU training loop would.
+sharded zarr. Loading follows it too: ``Loader(chunk_size=32, shuffle=True)``, ~8,192 cells
+preloaded at a time, reads blocks of 32 contiguous (pre-shuffled) cells and yields CSR
+batches of raw counts; each is log-normalised and densified here, as a CPU training loop
+would.
 
 annbatch reads with zarr's own threads in one process (its README advises against DataLoader
 workers), so ``--workers`` is not a process count here; zarrs uses every core.
@@ -34,7 +35,7 @@ from peer_common import (
 # annbatch's README: the zarrs codec pipeline is what makes sharded zarr fast on local disk.
 zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 
-from annbatch import DatasetCollection, Loader  # after the zarr setting
+from annbatch import DatasetCollection, Loader  # noqa: E402 (after the zarr setting)
 
 # annbatch README's loader example: blocks of 32 cells, 256 blocks (8,192 cells) preloaded.
 CHUNK_SIZE, PRELOAD_CELLS = 32, 8192

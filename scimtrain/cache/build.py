@@ -26,15 +26,13 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from scimtrain.cache.layout import array_file, index_dtype
+from scimtrain.cache.lock import HELD_LOCK_FDS
 from scimtrain.store import CellArrStore
 
 CHUNK_CELLS = 4096  # cells a worker reads at once: ~50 MB of TileDB results at 2,000 nnz/cell
 ESTIMATE_SAMPLE = 256  # cells spread over the selection, for the non-zeros per cell
 ESTIMATE_BLOCK = 512  # consecutive cells read and timed, for the build time
 WRITE_BYTES_PER_S = 400e6  # appending parts to the cache files (page cache, then disk)
-# File descriptors of held build locks: closed in worker processes, so that a worker outliving
-# a killed parent does not keep the lock (a flock lives as long as any copy of its descriptor).
-HELD_LOCK_FDS: set[int] = set()
 
 
 def single_threaded(store: CellArrStore) -> CellArrStore:

@@ -13,13 +13,16 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from scimtrain.cache.build import HELD_LOCK_FDS
 from scimtrain.cache.layout import LOCKS
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no locking, concurrent builders may race
     fcntl = None
+
+# File descriptors of held build locks: build workers close them, so that a worker outliving
+# a killed builder does not keep the lock (a flock lives as long as any copy of its descriptor).
+HELD_LOCK_FDS: set[int] = set()
 
 
 def lock_path(cache_dir: Path, key: str) -> Path:

@@ -27,6 +27,13 @@ from scimtrain import __version__, determinism
 from scimtrain.checkpoint import BEST_WEIGHTS, load_file
 from scimtrain.columns import LABEL_INT, WEIGHT
 from scimtrain.config import ConfigError, TrainingConfig
+from scimtrain.dynamic_sampling import DynamicCellStream
+from scimtrain.finetune import (
+    check_architecture,
+    freeze_encoder,
+    load_pretrained,
+    trainable_parameters,
+)
 from scimtrain.losses import LossConfig
 from scimtrain.model import EncoderDecoder
 from scimtrain.model_folder import read_model_folder, write_model_folder
@@ -36,6 +43,7 @@ from scimtrain.selection import Selection, SelectionConfig, select_cells
 from scimtrain.store import CellArrStore
 from scimtrain.stream import CellStream, CellTable, StreamConfig
 from scimtrain.trainer import Trainer, TrainerConfig, make_accelerator
+from scimtrain.triplet_log import TripletLog
 
 
 class OutputError(ValueError):
@@ -97,6 +105,7 @@ class TrainingRun:
                 print(f"model folder {self.model_dir} exists: running its test pass only")
         else:
             self.trainer.fit()
+            self.objective.close()  # the tracked triplets' files are complete
             if self.is_main:
                 self._write_models()
             self.accelerator.wait_for_everyone()
@@ -191,16 +200,28 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
     if accelerator.is_main_process:
         check_output_folders(config)
     ontology = CellOntology.from_spec(config.ontology)
+    pretrained = read_model_folder(config.init_from) if config.init_from else None
+    if pretrained is not None:  # before the selection, which can take long
+        check_architecture(pretrained, config.latent_dim, config.hidden_dim)
+    chosen = selection_config(config)
+    if pretrained is not None and not config.gene_order:
+        # The folder's genes, matched to the store's as a gene-order file would be.
+        chosen = replace(chosen, gene_order=list(pretrained.gene_order))
     with warnings.catch_warnings():
         if not accelerator.is_main_process:  # say it once
             warnings.simplefilter("ignore")
-        selection = select_cells(store, selection_config(config), ontology)
+        selection = select_cells(store, chosen, ontology)
     if accelerator.is_main_process:
         print(selection.summary())
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = stream_config(config)
-    train = CellStream(store, CellTable.from_frame(selection.train), selection.gene_indices,
-                       stream, rank, world)
+    if config.dynamic_weights:
+        train = DynamicCellStream(store, CellTable.from_frame(selection.train),
+                                  selection.gene_indices, stream, rank, world,
+                                  decay=config.dynamic_weight_decay)
+    else:
+        train = CellStream(store, CellTable.from_frame(selection.train),
+                           selection.gene_indices, stream, rank, world)
     val = test = None
     if len(selection.val) > 0 and config.val_batches > 0:
         val_config = replace(stream, batch_size=min(config.batch_size, len(selection.val)),
@@ -211,6 +232,18 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
                           replace(val_config, mode="full"), rank, world)
     torch.manual_seed(config.seed)
     model = _new_model(config, len(selection.gene_order))
+    optimizer = None
+    if pretrained is not None:
+        load_pretrained(model, pretrained, selection.gene_order)
+        if config.freeze:
+            freeze_encoder(model.encoder)
+            optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.lr,
+                                          weight_decay=config.l2)
+    triplet_log = None
+    if config.track_triplets:
+        triplet_log = TripletLog(config.track_triplets, selection.int2label, selection.studies,
+                                 above_step=config.track_triplets_above_step,
+                                 with_studies=bool(config.cross), accelerator=accelerator)
     objective = MetricLearningObjective(
         ontology.descendant_matrix(selection.label_ids),
         LossConfig(margin=config.margin, triplet_loss_weight=config.triplet_loss_weight,
@@ -219,7 +252,8 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
                    perturb_labels=bool(config.perturb),
                    perturb_labels_fraction=config.perturb_fraction),
         l1=config.l1,
-        parent=ontology.parent_matrix(selection.label_ids) if config.perturb else None)
+        parent=ontology.parent_matrix(selection.label_ids) if config.perturb else None,
+        l1_layer=config.l1_layer, triplet_log=triplet_log)
     trainer = Trainer(
         model, objective, train, val,
         TrainerConfig(max_epochs=config.max_epochs, lr=config.lr, weight_decay=config.l2,
@@ -228,7 +262,7 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
                       run_dir=str(run_dir(config)), checkpoint_every=config.checkpoint_every,
                       keep_checkpoints=config.keep_checkpoints, resume=config.resume,
                       progress=not config.no_progress),
-        accelerator=accelerator,
+        accelerator=accelerator, optimizer=optimizer,
         hparams={**hyperparameters(config), **data_signature(config, store, selection)})
     return TrainingRun(config=config, accelerator=accelerator, store=store, ontology=ontology,
                        selection=selection, model=model, objective=objective,
@@ -289,6 +323,10 @@ def hyperparameters(config: TrainingConfig) -> dict[str, Any]:
         "perturb_labels_fraction": config.perturb_fraction, "lr": config.lr,
         "l1_lambda": config.l1, "l2_lambda": config.l2, "batch_size": config.batch_size,
         "max_epochs": config.max_epochs,
+        # scimtrain's (SPEC §9): which Linear the L1 penalty was on, and how training began
+        "l1_layer": config.l1_layer, "init_from": config.init_from,
+        "freeze": bool(config.freeze), "dynamic_weights": bool(config.dynamic_weights),
+        "dynamic_weight_decay": config.dynamic_weight_decay,
     }
 
 

@@ -306,6 +306,8 @@ def test_a_killed_build_is_never_used(tiny_store, tmp_path):
     assert list_caches(tmp_path)[0]["status"] == "stale build"
     with pytest.raises(CacheError):
         TrainingCache.open(next(tmp_path.glob(f"{BUILDING_PREFIX}*")))
+    other = tmp_path / f"{BUILDING_PREFIX}{'f' * 64}-1-dead"  # another key's dead build
+    other.mkdir()
     store = CellArrStore(tiny_store)
     cache = quiet_ensure(store, np.arange(3000), None, tmp_path)  # waits for no one
     assert not list(tmp_path.glob(f"{BUILDING_PREFIX}*"))

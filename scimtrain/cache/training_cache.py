@@ -274,20 +274,19 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def remove_stale_builds(root: Path, key: str | None = None) -> list[Path]:
-    """Remove ``.building-*`` folders (of ``key``, or of any key) whose builder is gone:
-    nobody holds their key's lock. Returns the removed folders."""
+def remove_stale_builds(root: Path, own_key: str | None = None) -> list[Path]:
+    """Remove the ``.building-*`` folders whose builder is gone (nobody holds their key's
+    lock; those of ``own_key``, whose lock the caller holds, in any case) and half-removed
+    ``.removing-*`` folders. Returns the removed folders."""
     removed = []
-    pattern = f"{BUILDING_PREFIX}{key}-*" if key else f"{BUILDING_PREFIX}*"
-    for folder in root.glob(pattern):
+    for folder in root.glob(f"{BUILDING_PREFIX}*"):
         folder_key = folder.name[len(BUILDING_PREFIX):].split("-", 1)[0]
-        if folder_key == key or not is_locked(root, folder_key):
+        if folder_key == own_key or not is_locked(root, folder_key):
             _remove(folder)
             removed.append(folder)
-    if key is None:  # removals interrupted half-way
-        for folder in root.glob(f"{REMOVING_PREFIX}*"):
-            _remove(folder)
-            removed.append(folder)
+    for folder in root.glob(f"{REMOVING_PREFIX}*"):
+        _remove(folder)
+        removed.append(folder)
     return removed
 
 

@@ -110,6 +110,9 @@ class TrainingCache:
         except OSError as exc:
             raise CacheError(f"cannot create the training cache folder {root}: {exc}; pass "
                              "another cache_dir (--cache_dir)") from exc
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise CacheError(f"the training cache folder {root} is not writable; pass another "
+                             "cache_dir (--cache_dir)")
         key = cache_key(store_identity(store), cells, genes, store.n_genes, target_sum)
         final = root / key
         if final.is_dir() and problem(final, key) is None:

@@ -15,8 +15,8 @@ import os
 import random
 import re
 import shutil
-from pathlib import Path
 import warnings
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np

@@ -201,7 +201,10 @@ class TrainingConfig:
 
     @property
     def model_name(self) -> str:
-        """SCimilarity's ``model_{batch}_{margin}_{latent}_{n_hidden}_{triplet_weight}_{suffix}``."""
+        """SCimilarity's model folder name.
+
+        ``model_{batch}_{margin}_{latent}_{n_hidden}_{triplet_weight}_{suffix}``.
+        """
         return (f"model_{self.batch_size}_{self.margin}_{self.latent_dim}_"
                 f"{len(self.hidden_dim)}_{self.triplet_loss_weight}_{self.suffix}")
 

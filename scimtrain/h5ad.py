@@ -40,7 +40,6 @@ from scimtrain.columns import (
     STUDY_COLUMN,
 )
 
-
 AUTO_COUNTS = ("X", "layers/counts", "layers/raw_counts", "raw/X")
 CHECK_ROWS = 1_000  # rows of counts inspect_file checks by default
 ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
@@ -435,7 +434,8 @@ def convert(info: FileInfo, columns: np.ndarray, n_genes: int, out: Converted, b
                                 shape=(stop - start, n_genes))
     qc["n_genes_by_counts"] = qc["n_genes_by_counts"].astype(np.int64)
     out.cells.append(cells.assign(**qc)[list(BUILT_CELL_COLUMNS)])
-    for key, values in cells["_disease"].groupby([cells[STUDY_COLUMN], cells[SAMPLE_COLUMN]], sort=False):
+    for key, values in cells["_disease"].groupby([cells[STUDY_COLUMN], cells[SAMPLE_COLUMN]],
+                                                 sort=False):
         out.diseases.setdefault(key, set()).update(values.unique())
 
 

@@ -1,9 +1,11 @@
-"""The Cell Ontology (CL): names, the parent graph, and the label x label relations training needs.
+"""The Cell Ontology (CL): names, the parent graph, and the label x label relations training
+needs.
 
 Three ways to get one:
 
 - ``CellOntology.default()``: the CL snapshot shipped as package data
-  (``scimtrain/data/cl_snapshot.json.gz``, built by ``scripts/build_cl_snapshot.py``); works offline.
+  (``scimtrain/data/cl_snapshot.json.gz``, built by ``scripts/build_cl_snapshot.py``); works
+  offline.
 - ``CellOntology.from_file(path)``: a user's OBO file, OBO Graphs JSON (CL's ``cl.json``), or our
   compact snapshot JSON; any of them may be gzipped.
 - ``CellOntology.none()``: no ontology, for labels that are plain strings: every label is known,
@@ -111,11 +113,15 @@ class CellOntology:
     @classmethod
     def none(cls) -> CellOntology:
         """The no-ontology mode: labels are plain strings, none related to another."""
-        return cls({}, {}, version="none", source="no ontology (labels used as given)", open_world=True)
+        return cls({}, {}, version="none", source="no ontology (labels used as given)",
+                   open_world=True)
 
     @classmethod
     def from_spec(cls, spec: str | Path | None) -> CellOntology:
-        """What a ``--ontology`` option names: None/"default" -> default(), "none" -> none(), else a file."""
+        """What a ``--ontology`` option names.
+
+        None/"default" -> default(), "none" -> none(), anything else -> from_file().
+        """
         if spec is None or str(spec).lower() == "default":
             return cls.default()
         if str(spec).lower() == "none":
@@ -123,7 +129,8 @@ class CellOntology:
         return cls.from_file(spec)
 
     @classmethod
-    def from_file(cls, path: str | Path, relations: Sequence[str] = DEFAULT_RELATIONS) -> CellOntology:
+    def from_file(cls, path: str | Path,
+                  relations: Sequence[str] = DEFAULT_RELATIONS) -> CellOntology:
         """Read an OBO, OBO Graphs JSON or compact-snapshot JSON file (optionally gzipped).
 
         ``relations`` are the edge kinds that count as parents, by OBO name (``is_a``, ``part_of``,
@@ -133,8 +140,9 @@ class CellOntology:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"ontology file {str(path)!r} does not exist; give the path of an OBO or JSON Cell Ontology "
-                "file, leave --ontology out for the built-in CL snapshot, or use --ontology none"
+                f"ontology file {str(path)!r} does not exist; give the path of an OBO or JSON "
+                "Cell Ontology file, leave --ontology out for the built-in CL snapshot, or use "
+                "--ontology none"
             )
         raw = path.read_bytes()
         try:
@@ -142,13 +150,17 @@ class CellOntology:
                 raw = gzip.decompress(raw)
             text = raw.decode("utf-8-sig")
         except (OSError, EOFError, UnicodeDecodeError) as e:
-            raise OntologyFileError(f"ontology file {str(path)!r} is neither text nor gzipped text ({e})") from e
+            raise OntologyFileError(
+                f"ontology file {str(path)!r} is neither text nor gzipped text ({e})"
+            ) from e
         stripped = text.lstrip()
         if stripped.startswith("{"):
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
-                raise OntologyFileError(f"ontology file {str(path)!r} is not valid JSON: {e}") from e
+                raise OntologyFileError(
+                    f"ontology file {str(path)!r} is not valid JSON: {e}"
+                ) from e
             if isinstance(data, dict) and "terms" in data:
                 return cls._from_snapshot(data, source=str(path), relations=relations)
             if isinstance(data, dict) and "graphs" in data:
@@ -165,18 +177,22 @@ class CellOntology:
         )
 
     @classmethod
-    def _from_snapshot(cls, data: dict, source: str, relations: Sequence[str] = DEFAULT_RELATIONS) -> CellOntology:
+    def _from_snapshot(cls, data: dict, source: str,
+                       relations: Sequence[str] = DEFAULT_RELATIONS) -> CellOntology:
         stored = tuple(data.get("relations", DEFAULT_RELATIONS))
         if not set(_relation_names(relations)) <= set(stored):
             raise OntologyFileError(
-                f"snapshot {source!r} holds {list(stored)} edges only; cannot give {list(relations)}"
+                f"snapshot {source!r} holds {list(stored)} edges only; "
+                f"cannot give {list(relations)}"
             )
         try:
             terms = data["terms"]
             names = {t: v[0] for t, v in terms.items()}
             parents = {t: v[1] for t, v in terms.items()}
         except (TypeError, IndexError, AttributeError) as e:
-            raise OntologyFileError(f"snapshot {source!r}: 'terms' must map id -> [name, [parent ids]]") from e
+            raise OntologyFileError(
+                f"snapshot {source!r}: 'terms' must map id -> [name, [parent ids]]"
+            ) from e
         return cls(names, parents, obsolete=data.get("obsolete", {}),
                    version=data.get("version", "unknown"), source=data.get("source", source))
 
@@ -200,7 +216,9 @@ class CellOntology:
                 continue
             tag, sep, value = line.partition(":")
             if not sep or " " in tag.strip():  # OBO tags never hold spaces
-                raise OntologyFileError(f"{path}:{lineno}: expected 'tag: value', got {line[:80]!r}")
+                raise OntologyFileError(
+                    f"{path}:{lineno}: expected 'tag: value', got {line[:80]!r}"
+                )
             tag, value = tag.strip(), _strip_obo_value(value)
             if stanza is None:
                 header.setdefault(tag, value)
@@ -225,16 +243,22 @@ class CellOntology:
             elif tag == "replaced_by" and value:
                 replaced.setdefault(term, value.split()[0])
         if not names:
-            raise OntologyFileError(f"ontology file {str(path)!r} has no [Term] stanza with an 'id:' line")
+            raise OntologyFileError(
+                f"ontology file {str(path)!r} has no [Term] stanza with an 'id:' line"
+            )
         # replaced_by without is_obsolete does not make a term obsolete
         obsolete = {t: replaced.get(t) for t in obsolete}
         version = header.get("data-version") or header.get("date") or "unknown version"
         ont = header.get("ontology", "ontology")
-        return cls(names, parents, obsolete=obsolete, version=f"{ont} {version} from {path.name}", source=str(path))
+        return cls(names, parents, obsolete=obsolete,
+                   version=f"{ont} {version} from {path.name}", source=str(path))
 
     @classmethod
     def _from_obographs(cls, data: dict, path: Path, relations: Sequence[str]) -> CellOntology:
-        """Read OBO Graphs JSON (``{"graphs": [{"nodes": [...], "edges": [...]}]}``), all graphs merged."""
+        """Read OBO Graphs JSON (``{"graphs": [{"nodes": [...], "edges": [...]}]}``).
+
+        All graphs are merged.
+        """
         wanted = set(_relation_names(relations))
         names: dict[str, str] = {}
         parents: dict[str, set[str]] = {}
@@ -260,11 +284,14 @@ class CellOntology:
                     if _RELATION_NAMES.get(_curie(edge["pred"]), edge["pred"]) in wanted:
                         parents.setdefault(_curie(edge["sub"]), set()).add(_curie(edge["obj"]))
         except (KeyError, TypeError, AttributeError) as e:
-            raise OntologyFileError(f"ontology file {str(path)!r} is not valid OBO Graphs JSON (missing {e})") from e
+            raise OntologyFileError(
+                f"ontology file {str(path)!r} is not valid OBO Graphs JSON (missing {e})"
+            ) from e
         if not names:
             raise OntologyFileError(f"ontology file {str(path)!r} has no CLASS nodes")
         version = versions[0] if versions else "unknown version"
-        return cls(names, parents, obsolete=obsolete, version=f"{version} from {path.name}", source=str(path))
+        return cls(names, parents, obsolete=obsolete,
+                   version=f"{version} from {path.name}", source=str(path))
 
     # ---------------------------------------------------------------- lookups
     def __contains__(self, term_id: object) -> bool:
@@ -281,13 +308,18 @@ class CellOntology:
         return f"CellOntology({self.version!r}, {what})"
 
     def name(self, term_id: str) -> str:
-        """The term's name; UnknownTermError names the id and what to do when the id is not a term."""
+        """The term's name.
+
+        UnknownTermError names the id and what to do when the id is not a term.
+        """
         if self.open_world:
             return term_id
         try:
             return self._names[term_id]
         except KeyError:
-            raise UnknownTermError(f"{term_id!r} is not a term of {self.version} ({self.source}); {_HOW_TO}") from None
+            raise UnknownTermError(
+                f"{term_id!r} is not a term of {self.version} ({self.source}); {_HOW_TO}"
+            ) from None
 
     def id_of(self, name: str) -> str:
         """The id whose name is exactly ``name`` (a live term before an obsolete one)."""
@@ -296,7 +328,9 @@ class CellOntology:
         try:
             return self._ids_by_name[name]
         except KeyError:
-            raise UnknownTermError(f"no term is named {name!r} in {self.version}; {_HOW_TO}") from None
+            raise UnknownTermError(
+                f"no term is named {name!r} in {self.version}; {_HOW_TO}"
+            ) from None
 
     def is_obsolete(self, term_id: str) -> bool:
         """True for a known term marked obsolete."""
@@ -369,8 +403,8 @@ class CellOntology:
         """L x L bool: ``[i, j]`` True when label_ids[j] is a strict descendant of label_ids[i].
 
         Unknown ids (and every id in the no-ontology mode) get an all-False row and column.
-        Built from each label's ancestors (short lists), so ~100 labels cost well under a millisecond
-        once cached.
+        Built from each label's ancestors (short lists), so ~100 labels cost well under a
+        millisecond once cached.
         """
         n = len(label_ids)
         out = np.zeros((n, n), dtype=bool)
@@ -405,7 +439,9 @@ class CellOntology:
     # ---------------------------------------------------------------- helpers
     def _check(self, term_id: str) -> None:
         if not self.open_world and term_id not in self._names:
-            raise UnknownTermError(f"{term_id!r} is not a term of {self.version} ({self.source}); {_HOW_TO}")
+            raise UnknownTermError(
+                f"{term_id!r} is not a term of {self.version} ({self.source}); {_HOW_TO}"
+            )
 
 
 @functools.lru_cache(maxsize=1)
@@ -437,7 +473,10 @@ def _reach(start: str, edges: dict[str, tuple[str, ...]]) -> frozenset[str]:
 
 
 def _curie(iri: str) -> str:
-    """``http://purl.obolibrary.org/obo/CL_0000236`` -> ``CL:0000236``; CURIEs and others pass through."""
+    """``http://purl.obolibrary.org/obo/CL_0000236`` -> ``CL:0000236``.
+
+    CURIEs and other strings pass through unchanged.
+    """
     if iri.startswith(_OBO_PURL):
         local = iri[len(_OBO_PURL):]
         prefix, sep, rest = local.partition("_")

@@ -25,7 +25,6 @@ import scipy.sparse as sp
 import tiledb
 
 from scimtrain.columns import GENE_SYMBOL_COLUMN
-
 from scimtrain.condition import ENUM, NUMBER, TEXT, ConditionError, plan_condition
 
 COUNTS_LOCATIONS = ("counts", "assays/counts")

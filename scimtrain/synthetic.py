@@ -152,7 +152,7 @@ def _type_profiles(rng: np.random.Generator, n_genes: int, n_markers: int,
     # A heavy-tailed background shared by every type, as housekeeping genes are.
     background = rng.gamma(0.6, size=n_genes) + 1e-3
     profiles = np.empty((len(CELL_TYPES), n_genes))
-    for i, (cl, parent) in enumerate(CELL_TYPES):  # parents precede children in CELL_TYPES
+    for i, (_cl, parent) in enumerate(CELL_TYPES):  # parents precede children in CELL_TYPES
         base = background if parent is None else profiles[index[parent]]
         # Subtypes differ from their parent by a little noise and a few markers, so that
         # related types stay close (the miner's ontology rules matter) and studies' batch

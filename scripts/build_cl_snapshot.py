@@ -26,14 +26,16 @@ an obsolete term's axioms). Obsolete terms with an empty label get the name
 Output (deterministic; gzip with mtime=0 and no embedded file name, so a rebuild from the
 same wheel is byte-identical)::
 
-    {"format": "scimtrain-cl-snapshot/1", "version": "CL v2026-03-26 via cellxgene-ontology-guide 1.11.1",
+    {"format": "scimtrain-cl-snapshot/1",
+     "version": "CL v2026-03-26 via cellxgene-ontology-guide 1.11.1",
      "source": "...", "relations": ["is_a", "part_of"],
      "terms": {id: [name, [parent ids, sorted]]}, "obsolete": {id: replaced_by or null}}
 
 Usage::
 
     pip download --no-deps cellxgene-ontology-guide==1.11.1 -d /tmp/cog
-    python scripts/build_cl_snapshot.py --wheel /tmp/cog/cellxgene_ontology_guide-1.11.1-py3-none-any.whl
+    python scripts/build_cl_snapshot.py \
+        --wheel /tmp/cog/cellxgene_ontology_guide-1.11.1-py3-none-any.whl
     # or, with the package installed (pip install cellxgene-ontology-guide==1.11.1):
     python scripts/build_cl_snapshot.py
 
@@ -62,10 +64,12 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "scimtrain" / "data" / "cl_s
 def read_zst_from_wheel(wheel: Path) -> bytes:
     """Return the compressed CL asset stored in a cellxgene-ontology-guide wheel."""
     if not wheel.is_file():
-        sys.exit(f"{wheel}: no such wheel; get it with `pip download --no-deps {PACKAGE}=={PACKAGE_VERSION} -d DIR`")
+        sys.exit(f"{wheel}: no such wheel; get it with "
+                 f"`pip download --no-deps {PACKAGE}=={PACKAGE_VERSION} -d DIR`")
     with zipfile.ZipFile(wheel) as zf:
         meta = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
-        version = next((line.split(":", 1)[1].strip() for line in zf.read(meta[0]).decode().splitlines()
+        version = next((line.split(":", 1)[1].strip()
+                        for line in zf.read(meta[0]).decode().splitlines()
                         if line.startswith("Version:")), None) if meta else None
         if version != PACKAGE_VERSION:
             sys.exit(f"{wheel} is {PACKAGE} {version}; this script pins {PACKAGE_VERSION}")
@@ -88,7 +92,8 @@ def read_zst_from_installed() -> bytes:
         )
     if installed != PACKAGE_VERSION:
         sys.exit(f"installed {PACKAGE} is {installed}; this script pins {PACKAGE_VERSION}")
-    asset = resources.files("cellxgene_ontology_guide") / "data" / f"CL-ontology-{CL_VERSION}.json.zst"
+    asset = (resources.files("cellxgene_ontology_guide") / "data"
+             / f"CL-ontology-{CL_VERSION}.json.zst")
     return asset.read_bytes()
 
 
@@ -134,7 +139,8 @@ def build_snapshot(cl: dict) -> dict:
         expected = {a for a in cl[t]["ancestors"] if a in known}
         got = closure(t, parents)
         if got != expected:
-            raise SystemExit(f"closure mismatch for {t}: extra {got - expected}, missing {expected - got}")
+            raise SystemExit(f"closure mismatch for {t}: extra {got - expected}, "
+                             f"missing {expected - got}")
         if t in got:
             raise SystemExit(f"cycle through {t}")
 
@@ -155,12 +161,13 @@ def build_snapshot(cl: dict) -> dict:
         dup = sorted({n for n in names if names.count(n) > 1})
         raise SystemExit(f"duplicate names in snapshot: {dup[:10]}")
     print(f"{len(terms)} terms ({len(obsolete)} obsolete), "
-          f"{sum(len(p) for _, p in terms.values())} parent edges ({bridged} bridged)", file=sys.stderr)
+          f"{sum(len(p) for _, p in terms.values())} parent edges ({bridged} bridged)",
+          file=sys.stderr)
     return {
         "format": FORMAT,
         "version": f"CL {CL_VERSION} via {PACKAGE} {PACKAGE_VERSION}",
-        "source": (f"Cell Ontology (CC BY 4.0, https://obophenotype.github.io/cell-ontology/) release "
-                   f"{CL_VERSION}, from {PACKAGE}=={PACKAGE_VERSION} ({DATA_MEMBER}); "
+        "source": ("Cell Ontology (CC BY 4.0, https://obophenotype.github.io/cell-ontology/) "
+                   f"release {CL_VERSION}, from {PACKAGE}=={PACKAGE_VERSION} ({DATA_MEMBER}); "
                    "built by scimtrain/scripts/build_cl_snapshot.py"),
         "relations": RELATIONS,
         "terms": terms,
@@ -170,19 +177,23 @@ def build_snapshot(cl: dict) -> dict:
 
 def write_snapshot(snapshot: dict, out: Path) -> None:
     """Write compact, sorted JSON through gzip with mtime=0 so the bytes are reproducible."""
-    payload = json.dumps(snapshot, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    payload = json.dumps(snapshot, sort_keys=True, separators=(",", ":"),
+                         ensure_ascii=True).encode()
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
         gz.write(payload)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(buf.getvalue())
-    print(f"wrote {out} ({out.stat().st_size:,} bytes; {len(payload):,} uncompressed)", file=sys.stderr)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes; {len(payload):,} uncompressed)",
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--wheel", type=Path, help=f"a {PACKAGE}-{PACKAGE_VERSION} wheel (default: the installed package)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output file (default: {DEFAULT_OUT})")
+    ap.add_argument("--wheel", type=Path,
+                    help=f"a {PACKAGE}-{PACKAGE_VERSION} wheel (default: the installed package)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help=f"output file (default: {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     raw = read_zst_from_wheel(args.wheel) if args.wheel else read_zst_from_installed()
     write_snapshot(build_snapshot(decompress(raw)), args.out)

@@ -258,7 +258,7 @@ def test_triplet_loss_matches_formula():
 def test_perturb_labels_only_moves_to_parents_in_batch():
     gen = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for _trial in range(20):
         labels = torch.from_numpy(rng.choice([1, 2, 3, 4, 7, 9, 8], size=60))
         out = perturb_labels(labels, HAND_PARENT, 0.5, gen)
         assert labels.shape == out.shape and out.dtype == torch.long

@@ -289,8 +289,10 @@ def test_obographs_json(tmp_path):
             "edges": [
                 {"sub": purl + "CL_0000084", "pred": "is_a", "obj": purl + "CL_0000000"},
                 {"sub": purl + "CL_0000815", "pred": "is_a", "obj": purl + "CL_0000084"},
-                {"sub": purl + "CL_0000084", "pred": purl + "BFO_0000050", "obj": purl + "UBERON_0000178"},
-                {"sub": purl + "CL_0000815", "pred": purl + "RO_0002202", "obj": purl + "CL_0000000"},
+                {"sub": purl + "CL_0000084", "pred": purl + "BFO_0000050",
+                 "obj": purl + "UBERON_0000178"},
+                {"sub": purl + "CL_0000815", "pred": purl + "RO_0002202",
+                 "obj": purl + "CL_0000000"},
             ],
         }]
     }
@@ -335,7 +337,8 @@ def test_no_ontology_mode():
     none = CellOntology.none()
     assert "anything" in none and "CL:0000815" in none
     assert none.name("my label") == "my label" and none.id_of("my label") == "my label"
-    assert none.parents("a") == () and none.ancestors("a") == frozenset() and none.descendants("a") == frozenset()
+    assert none.parents("a") == () and none.ancestors("a") == frozenset()
+    assert none.descendants("a") == frozenset()
     assert not none.descendant_matrix(["a", "b", "c"]).any()
     assert not none.parent_matrix(["a", "b"]).any()
     assert none.most_viable_parent("a", {"a", "b"}) is None
@@ -368,7 +371,8 @@ def test_unparseable_files(tmp_path, content, match):
 
 def test_unknown_ids_say_what_to_do(toy):
     cl = CellOntology.default()
-    with pytest.raises(UnknownTermError, match=r"'CL:9999999' is not a term of CL v2026-03-26.*--ontology"):
+    with pytest.raises(UnknownTermError,
+                       match=r"'CL:9999999' is not a term of CL v2026-03-26.*--ontology"):
         cl.name("CL:9999999")
     with pytest.raises(KeyError):  # UnknownTermError is a KeyError
         cl.parents("CL:9999999")

@@ -166,7 +166,8 @@ def test_step8_label_ints_sorted_and_stable_across_processes(tiny_store):
     assert (sel.train["label_name"].map(sel.label2int) == sel.train["label_int"]).all()
     code = ("import json,sys; from scimtrain.store import CellArrStore; "
             "from scimtrain.selection import SelectionConfig, select_cells; "
-            f"s = select_cells(CellArrStore(sys.argv[1]), SelectionConfig(filter_condition={TINY_FILTER!r})); "
+            "s = select_cells(CellArrStore(sys.argv[1]), "
+            f"SelectionConfig(filter_condition={TINY_FILTER!r})); "
             "print(json.dumps(s.label2int))")
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
@@ -211,7 +212,8 @@ def test_empty_selection_names_the_step(tmp_path):
 
 def test_missing_columns_and_bad_filter(tmp_path):
     store = store_of(tmp_path, BASE)
-    with pytest.raises(StoreError, match=r"lacks the column\(s\) \['cell_type'\].*--label_id_column"):
+    with pytest.raises(StoreError,
+                       match=r"lacks the column\(s\) \['cell_type'\].*--label_id_column"):
         select_cells(store, SelectionConfig(label_column="cell_type"))
     with pytest.raises(StoreError, match="could not evaluate"):
         select_cells(store, SelectionConfig(filter_condition="total_counts >>> 3"))

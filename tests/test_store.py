@@ -188,7 +188,8 @@ def test_synthetic_qc_columns_match_counts(tiny_store):
     counts = store.read_rows(rows)
     np.testing.assert_allclose(meta["total_counts"].to_numpy()[rows],
                                np.asarray(counts.sum(axis=1)).ravel())
-    np.testing.assert_array_equal(meta["n_genes_by_counts"].to_numpy()[rows], np.diff(counts.indptr))
+    np.testing.assert_array_equal(meta["n_genes_by_counts"].to_numpy()[rows],
+                                  np.diff(counts.indptr))
     mt = np.char.startswith(store.gene_symbols.astype(str), "MT-")
     mt_share = np.asarray(counts[:, mt].sum(axis=1)).ravel() / np.maximum(
         np.asarray(counts.sum(axis=1)).ravel(), 1)

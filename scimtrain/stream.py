@@ -175,6 +175,7 @@ class CellStream(IterableDataset):
         self._flags: torch.Tensor | None = None  # dense buffers' flags, set per iteration
         if cache is not None:
             check_cache(cache, cache_offset, cells, self.gene_indices, n_store_genes, config)
+            cache.warm_up()
         self.epoch = 0
         self.consumed = 0
 

@@ -253,6 +253,15 @@ class TrainingCache:
         return gather.scatter_dense(self._array("indptr"), self._array("indices"),
                                     self._array("values"), rows, out, clear)
 
+    def warm_up(self) -> None:
+        """Compile (or load from numba's disk cache) the gathers for this cache's dtypes, here:
+        forked DataLoader workers inherit them instead of each compiling on its first batch."""
+        if self.n_rows:
+            rows, indptr = self.row_pointers(np.zeros(1, dtype=np.int64))
+            self.fill_csr(rows, indptr, np.empty(int(indptr[-1]), np.int64),
+                          np.empty(int(indptr[-1]), np.float32))
+            self.gather_dense(rows, np.zeros((1, self.n_genes), np.float32), clear=True)
+
     def _array(self, name: str) -> np.ndarray:
         """One mapped array file, mapped on first use in the calling process."""
         if self._pid != os.getpid():

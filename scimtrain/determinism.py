@@ -35,13 +35,15 @@ CUDA with ``--deterministic`` (:func:`configure` ``(True)``)
       are filled with NaN.
     * ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless already set): cuBLAS gets fixed workspaces
       and so fixed reductions (CUDA >= 10.2). It is read when the first cuBLAS handle is made:
-      configure before any CUDA work (the command line does so at start). Without it, torch in
-      deterministic mode refuses cuBLAS calls with a ``RuntimeError``.
+      configure before any CUDA work. Without it, torch in deterministic mode refuses cuBLAS
+      calls with a ``RuntimeError``.
     * ``torch.backends.cudnn.deterministic = True`` and ``benchmark = False``: where torch
       uses cuDNN (BatchNorm may), its kernels are chosen by rule, not by timing.
 
-    Then two runs on the same GPU model, driver, CUDA, cuBLAS and torch versions end bitwise
-    equal. Across GPU models or library versions no bitwise guarantee holds on any backend.
+    Then two runs on the same GPU model, driver, CUDA, cuBLAS and torch versions should end
+    bitwise equal: that is what torch and NVIDIA document; scimtrain's tests check the CPU
+    guarantee only (no GPU in CI). Across GPU models or library versions no bitwise guarantee
+    holds on any backend.
 
 CPU with ``--deterministic``
     Not needed for reproducibility (see above). It sets the same flags: an

@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from scimtrain import __version__, determinism
+from scimtrain.cache import CacheError, TrainingCache
 from scimtrain.checkpoint import BEST_WEIGHTS, load_file
 from scimtrain.columns import LABEL_INT, WEIGHT
 from scimtrain.config import ConfigError, TrainingConfig
@@ -215,21 +216,26 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
         print(selection.summary())
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = stream_config(config)
+    cache = training_cache(config, store, selection, accelerator)
+    # Cache rows are the training cells, then the validation cells.
+    on_train = {"cache": cache, "cache_offset": 0}
+    on_val = {"cache": cache, "cache_offset": len(selection.train)}
     if config.dynamic_weights:
         train = DynamicCellStream(store, CellTable.from_frame(selection.train),
                                   selection.gene_indices, stream, rank, world,
-                                  decay=config.dynamic_weight_decay)
+                                  decay=config.dynamic_weight_decay, **on_train)
     else:
         train = CellStream(store, CellTable.from_frame(selection.train),
-                           selection.gene_indices, stream, rank, world)
+                           selection.gene_indices, stream, rank, world, **on_train)
     val = test = None
     if len(selection.val) > 0 and config.val_batches > 0:
         val_config = replace(stream, batch_size=min(config.batch_size, len(selection.val)),
                              n_batches=config.val_batches, seed=config.seed + 1)
         val_cells = CellTable.from_frame(selection.val)
-        val = CellStream(store, val_cells, selection.gene_indices, val_config, rank, world)
+        val = CellStream(store, val_cells, selection.gene_indices, val_config, rank, world,
+                         **on_val)
         test = CellStream(store, val_cells, selection.gene_indices,
-                          replace(val_config, mode="full"), rank, world)
+                          replace(val_config, mode="full"), rank, world, **on_val)
     torch.manual_seed(config.seed)
     model = _new_model(config, len(selection.gene_order))
     optimizer = None
@@ -267,6 +273,34 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
     return TrainingRun(config=config, accelerator=accelerator, store=store, ontology=ontology,
                        selection=selection, model=model, objective=objective,
                        train_data=train, val_data=val, test_data=test, trainer=trainer)
+
+
+def training_cache(config: TrainingConfig, store: CellArrStore, selection: Selection,
+                   accelerator: Accelerator) -> TrainingCache | None:
+    """The run's training cache (``config.cache == "auto"``), or None to stream from TileDB.
+
+    One process per node builds it (the others wait, then map the same files); a cache that
+    cannot be made (disk space, permissions) is reported in one line and the run streams
+    from TileDB, whose batches are the same bit for bit.
+    """
+    if config.cache == "off":
+        return None
+    cells = np.concatenate([selection.train.index.to_numpy(np.int64),
+                            selection.val.index.to_numpy(np.int64)])
+    local_main = accelerator.is_local_main_process
+    # The error is handled inside the block: Accelerate's "first" does not release the other
+    # ranks when the block raises.
+    with accelerator.local_main_process_first():
+        try:
+            return TrainingCache.ensure(
+                store, cells, selection.gene_indices, config.cache_dir,
+                progress=local_main and not config.no_progress,
+                announce=print if local_main else (lambda _: None))
+        except CacheError as exc:
+            if local_main:
+                print(f"training cache: {exc}; streaming from TileDB instead (--cache off "
+                      "silences this)")
+            return None
 
 
 def _new_model(config: TrainingConfig, n_genes: int) -> EncoderDecoder:

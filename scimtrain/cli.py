@@ -20,6 +20,7 @@ from typing import Sequence
 
 from scimtrain.atomic import temporary_sibling, written_aside
 from scimtrain.build import OutputError, build_training, test_file
+from scimtrain.cache import CacheError
 from scimtrain.checkpoint import CheckpointError
 from scimtrain.config import ConfigError, TrainingConfig, parse_args
 from scimtrain.h5ad import IngestError
@@ -35,7 +36,7 @@ from scimtrain.trainer import TrainingInterrupted, make_accelerator
 # that line, not a traceback.
 USER_ERRORS = (StoreError, SelectionError, SamplingError, CheckpointError, IngestError,
                ConfigError, OutputError, RunLockedError, ModelFolderError, OntologyFileError,
-               UnknownTermError)
+               UnknownTermError, CacheError)
 
 
 def demo_store() -> str:

@@ -124,6 +124,13 @@ class TrainingConfig:
                                  group="loader", at_least=1)
     sparse_batches: bool = _opt(False, "move batches as CSR and densify on the device",
                                 group="loader")
+    cache: str = _opt(
+        "auto", "auto: train from a local memory-mapped copy of the selected cells, built once "
+        "and reused (falls back to TileDB when it cannot be made); off: stream from TileDB",
+        group="loader", choices=("auto", "off"))
+    cache_dir: str | None = _opt(
+        None, "where training caches live (default: $SCIMTRAIN_CACHE/training-cache or "
+        "~/.cache/scimtrain/training-cache)", group="loader")
     worker_start_method: str | None = _opt(
         None, "how loader workers start (default: the platform's, fork on Linux)",
         group="loader", choices=("fork", "spawn", "forkserver"))

@@ -95,3 +95,19 @@ def make_trainer(store: str, out: Path | None, step_wrapper=None, **changes) -> 
 def run_folder(out: Path) -> Path:
     """Where make_trainer's run keeps logs and checkpoints."""
     return out / "logs" / NAME / "t"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _caches_in_a_temporary_folder(tmp_path_factory):
+    """Training caches (and the demo store) of the tests' runs go to a folder of the session,
+    for the runs in this process and the commands it starts."""
+    import os
+
+    folder = tmp_path_factory.mktemp("scimtrain-cache")
+    previous = os.environ.get("SCIMTRAIN_CACHE")
+    os.environ["SCIMTRAIN_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("SCIMTRAIN_CACHE", None)
+    else:
+        os.environ["SCIMTRAIN_CACHE"] = previous

@@ -172,7 +172,7 @@ class CellStream(IterableDataset):
                 n_store_genes
         self.cache = cache
         self.cache_offset = int(cache_offset)
-        self._flags: torch.Tensor | None = None  # dense buffers' flags, set per iteration
+        self._flags: torch.Tensor | None = None  # batch buffers' flags, set per iteration
         if cache is not None:
             check_cache(cache, cache_offset, cells, self.gene_indices, n_store_genes, config)
             cache.warm_up()

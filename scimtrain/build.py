@@ -294,6 +294,7 @@ def training_cache(config: TrainingConfig, store: CellArrStore, selection: Selec
         try:
             return TrainingCache.ensure(
                 store, cells, selection.gene_indices, config.cache_dir,
+                target_sum=stream_config(config).target_sum,
                 progress=local_main and not config.no_progress,
                 announce=print if local_main else (lambda _: None))
         except CacheError as exc:

@@ -38,6 +38,7 @@ _EXPORTS = {
     "CellStream": "scimtrain.stream",
     "CellTable": "scimtrain.stream",
     "StreamConfig": "scimtrain.stream",
+    "cell_dataloader": "scimtrain.stream",
     "TrainingCache": "scimtrain.cache",
     "EncoderDecoder": "scimtrain.model",
     "Encoder": "scimtrain.model",

@@ -32,10 +32,11 @@ that epoch without reading the ones before.
 
 from __future__ import annotations
 
+import copy
 import gc
 import multiprocessing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator, Literal, NamedTuple
 
 import numpy as np
@@ -134,7 +135,8 @@ class CellStream(IterableDataset):
         gene_indices: store columns in model order (``Selection.gene_indices``); ``None`` keeps
             every store gene in store order.
         config: loader knobs.
-        rank, world_size: this process's place among the training processes.
+        rank, world_size: this process's place among the training processes; by default
+            taken from ``torch.distributed`` when it is initialised (else 0 and 1).
         cache: a :class:`~scimtrain.cache.TrainingCache` holding these cells (and genes):
             batches are gathered from it instead of read from the store.
         cache_offset: the cache row of ``cells``' first cell (0 for the training split,
@@ -143,9 +145,10 @@ class CellStream(IterableDataset):
 
     def __init__(self, store: CellArrStore | str, cells: CellTable,
                  gene_indices: np.ndarray | None = None, config: StreamConfig = StreamConfig(),
-                 rank: int = 0, world_size: int = 1, *, cache: TrainingCache | None = None,
-                 cache_offset: int = 0) -> None:
+                 rank: int | None = None, world_size: int | None = None, *,
+                 cache: TrainingCache | None = None, cache_offset: int = 0) -> None:
         super().__init__()
+        rank, world_size = _place(rank, world_size)
         if not isinstance(store, CellArrStore):
             store = CellArrStore(store)
         self.store = store.with_config(reader_config(config))
@@ -210,6 +213,13 @@ class CellStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         if info is not None:  # inside a DataLoader worker: this worker's share only
+            if not _OWN_WORKER:
+                raise RuntimeError(
+                    "a CellStream was put in a DataLoader with workers: its state_dict() would "
+                    "not count the batches those workers hand out, so resume would repeat "
+                    "them. A CellStream starts its own workers: iterate "
+                    "scimtrain.cell_dataloader(stream, num_workers=N) (or set "
+                    "StreamConfig.num_workers) instead of wrapping it")
             protect_inherited_objects()
             ring = None if self._flags is None else BufferRing(self._flags, info.id)
             yield from self._produce(self.epoch, self.consumed, info.id, info.num_workers,
@@ -353,8 +363,43 @@ def protect_inherited_objects() -> None:
         protect_inherited_objects.done = True
 
 
+# Set in the DataLoader workers a CellStream starts itself (and only there).
+_OWN_WORKER = False
+
+
 def _worker_init(_: int) -> None:
+    global _OWN_WORKER
+    _OWN_WORKER = True
     protect_inherited_objects()
+
+
+def _place(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's rank and the number of ranks: as given, else torch.distributed's."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialised else 0
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if initialised else 1
+    return int(rank), int(world_size)
+
+
+def cell_dataloader(stream: CellStream, num_workers: int = 2, *, pin_memory: bool = False,
+                    multiprocessing_context: str | None = None) -> CellStream:
+    """``stream`` loading with ``num_workers`` DataLoader workers, for use in your own loop.
+
+    A :class:`CellStream` is its own loader: iterating it starts the workers, returns the
+    batches in plan order and counts them, so ``state_dict()`` is right for resuming. Iterate
+    what this returns wherever you would iterate a ``DataLoader`` (do not wrap a stream in a
+    ``DataLoader`` with workers: it refuses, because nothing would count the batches).
+
+    Returns:
+        A copy of ``stream`` (same cells, plan, cache and position) with the loader settings.
+    """
+    loader = copy.copy(stream)
+    loader.config = replace(stream.config, num_workers=num_workers, pin_memory=pin_memory,
+                            multiprocessing_context=multiprocessing_context)
+    loader.store = stream.store.with_config(reader_config(loader.config))
+    return loader
 
 
 def ramped_pools(batches: list[int], pool_batches: int) -> list[list[int]]:

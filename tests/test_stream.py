@@ -277,3 +277,40 @@ def test_pools_ramp_up_to_the_pool_size():
     assert [len(p) for p in pools] == [1, 2, 4, 4, 4, 4, 1]
     assert sum(pools, []) == list(range(20))
     assert ramped_pools([], 4) == []
+
+
+def test_own_loop_with_cell_dataloader_and_not_a_wrapping_dataloader(tiny_store, tiny_selection):
+    """Outside the Trainer: cell_dataloader loads with workers and its state_dict counts what
+    the loop consumed; a DataLoader with workers around a stream is refused with the fix."""
+    from torch.utils.data import DataLoader
+
+    from scimtrain import cell_dataloader
+
+    full = list(make_stream(tiny_store, tiny_selection))
+    loader = cell_dataloader(make_stream(tiny_store, tiny_selection), num_workers=2)
+    head = []
+    for batch in loader:
+        head.append(batch)
+        if len(head) == 3:
+            break
+    assert loader.state_dict()["consumed"] == 3 and same(head, full[:3])
+    rest = cell_dataloader(make_stream(tiny_store, tiny_selection), num_workers=2)
+    rest.load_state_dict(loader.state_dict())
+    assert same(head + list(rest), full)
+    wrapped = DataLoader(make_stream(tiny_store, tiny_selection), batch_size=None,
+                         num_workers=1)
+    with pytest.raises(RuntimeError, match="cell_dataloader"):
+        next(iter(wrapped))
+
+
+def test_rank_and_world_size_from_torch_distributed(tiny_store, tiny_selection, monkeypatch):
+    assert (make_stream(tiny_store, tiny_selection).rank,
+            make_stream(tiny_store, tiny_selection).world_size) == (0, 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    stream = make_stream(tiny_store, tiny_selection)
+    assert (stream.rank, stream.world_size) == (1, 2)
+    given = CellStream(tiny_store, CellTable.from_frame(tiny_selection.train), None,
+                       StreamConfig(batch_size=64, num_workers=0), rank=0, world_size=1)
+    assert (given.rank, given.world_size) == (0, 1)  # what is given wins

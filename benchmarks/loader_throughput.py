@@ -21,7 +21,8 @@ scimtrain (same sampling plan, same batches; DataLoader workers):
 - ``identical batches``: the first batches of the TileDB and the cache streams (dense and
   CSR) compared bit for bit, labels and studies too;
 - memory per reading process besides the mapped cache (an untimed extra pass of the cache
-  stream: each process's resident memory minus its resident pages of the cache files).
+  dense stream, ``/proc/PID/smaps`` sampled every 50 ms, cache files left out): proportional
+  set size (shared pages split among their processes) and resident size.
 
 Peers (``--peers``, each in its own virtual environment, ``benchmarks/peers/``): the training
 cells exported once as an h5ad of raw counts, converted to the peer's format (timed apart,
@@ -218,39 +219,49 @@ def same_batches(reference: list[Batch], other: list[Batch]) -> bool:
 
 
 class MemoryBesidesCache:
-    """Samples, every 50 ms, this process and its worker processes: resident memory minus the
-    resident pages of files under ``cache_path`` (the mapped cache, shared by every process
-    through the page cache). ``peaks["main"]``/``peaks["worker"]``: the largest value this
-    process / any one worker reached, as (total, anonymous, shared memory, other file pages)
-    bytes; shared memory holds the batches in flight, other file pages the libraries."""
+    """Samples, every 50 ms, this process and its worker processes from ``/proc/PID/smaps``,
+    leaving out the pages of files under ``cache_path`` (the mapped cache: one copy in the page
+    cache for every process). Per process: its proportional set size (PSS: each page shared
+    by k processes counts 1/k, so the processes' values add up to the memory they use; a
+    forked worker shares its parent's pages copy-on-write), the part of it that is
+    shared-memory batches, and its resident size (RSS, every mapped page counted whole).
+    ``peaks[role]``: the sample with the largest PSS of this process ("main") and of any
+    worker ("worker"), as bytes (PSS, PSS of shared-memory batches, RSS)."""
 
     def __init__(self, cache_path: Path) -> None:
         self.cache_path = str(cache_path)
-        self.peaks = {"main": (0, 0, 0, 0), "worker": (0, 0, 0, 0)}
+        self.peaks = {"main": (0, 0, 0), "worker": (0, 0, 0)}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _besides_cache(self, pid: int) -> tuple[int, int, int, int]:
-        kinds = {"anon": 0, "shm": 0, "file": 0}
-        kind = "anon"
+    def _sample(self, pid: int) -> tuple[int, int, int]:
+        pss = shm = rss = 0
+        kind = "other"
         with open(f"/proc/{pid}/smaps") as smaps:
             for line in smaps:
                 fields = line.split()
+                if not fields:
+                    continue
                 if "-" in fields[0]:  # a mapping's header: range, perms, offset, dev, inode, path
                     path = fields[5] if len(fields) > 5 else ""
                     kind = ("cache" if self.cache_path in line else
                             "shm" if path.startswith(("/dev/shm", "/memfd:", "/torch_")) else
-                            "file" if path.startswith("/") else "anon")
-                elif fields[0] == "Rss:" and kind != "cache":
-                    kinds[kind] += int(fields[1]) * 1024
-        return (sum(kinds.values()), kinds["anon"], kinds["shm"], kinds["file"])
+                            "other")
+                elif kind == "cache":
+                    continue
+                elif fields[0] == "Pss:":
+                    pss += int(fields[1]) * 1024
+                    shm += int(fields[1]) * 1024 if kind == "shm" else 0
+                elif fields[0] == "Rss:":
+                    rss += int(fields[1]) * 1024
+        return (pss, shm, rss)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
             for process in [me, *me.children(recursive=True)]:
                 try:
-                    sample = self._besides_cache(process.pid)
+                    sample = self._sample(process.pid)
                 except (OSError, ValueError, IndexError, psutil.Error):
                     continue  # a worker that just exited
                 role = "main" if process.pid == me.pid else "worker"
@@ -266,10 +277,9 @@ class MemoryBesidesCache:
         self._thread.join()
 
     @staticmethod
-    def describe(peak: tuple[int, int, int, int]) -> str:
-        total, anon, shm, file = (v / 2**30 for v in peak)
-        return (f"{total:.2f} GiB (private {anon:.2f}, shared-memory batches {shm:.2f}, "
-                f"libraries and other files {file:.2f})")
+    def describe(peak: tuple[int, int, int]) -> str:
+        pss, shm, rss = (v / 2**30 for v in peak)
+        return (f"{pss:.2f} GiB PSS (shared-memory batches {shm:.2f}); RSS {rss:.2f} GiB")
 
 
 def folder_bytes(path: Path) -> int:
@@ -408,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         if "memory" not in skip:
             memory = memory_besides_cache(args, store, train, genes, cache)
             reader = "worker" if args.workers > 0 else "main"
-            results["memory_gib"] = memory.peaks[reader][0] / 2**30
+            if memory.peaks[reader][2]:  # a pass shorter than one sampling interval has none
+                results["memory_gib"] = memory.peaks[reader][0] / 2**30
             print(f"memory per reading process besides the mapped cache: peak "
                   f"{memory.describe(memory.peaks[reader])}")
             if args.workers > 0:
@@ -488,7 +499,7 @@ def print_ratios(results: dict[str, float], peers: list[PeerResult]) -> None:
         ratio = results["build"] / results["scan"]
         lines.append(f"cache build / sequential scan: {ratio:.2f}x  ({verdict(ratio, 0.5)})")
     if "memory_gib" in results:
-        lines.append(f"memory per reading process besides the cache: "
+        lines.append(f"memory per reading process besides the cache (PSS): "
                      f"{results['memory_gib']:.2f} GiB  "
                      f"({verdict(results['memory_gib'], 1, above=False)})")
     for line in lines:

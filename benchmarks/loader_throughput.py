@@ -296,7 +296,8 @@ def human_bytes(n: float) -> str:
 
 def verdict(value: float, target: float, above: bool = True) -> str:
     met = value >= target if above else value < target
-    return f"target {'>=' if above else '<'} {target:g}: {'met' if met else 'NOT met'}"
+    close = f", {value:.3f}" if abs(value - target) < 0.01 else ""  # 0.498 prints as 0.50
+    return f"target {'>=' if above else '<'} {target:g}: {'met' if met else 'NOT met'}{close}"
 
 
 def run_peers(args: argparse.Namespace, store: CellArrStore, train: pd.DataFrame,
@@ -401,27 +402,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cache_cells = np.concatenate([train.index.to_numpy(np.int64),
                                       selection.val.index.to_numpy(np.int64)])
-        start = time.perf_counter()
-        cache = TrainingCache.ensure(store, cache_cells, genes, cache_dir=build_dir,
-                                     target_sum=StreamConfig.target_sum,
-                                     workers=args.build_workers, progress=sys.stderr.isatty(),
-                                     announce=lambda message: None)
-        build_s = time.perf_counter() - start
-        size = folder_bytes(cache.path)
-        results["build"] = cache.n_rows / build_s
-        print(f"cache build: {results['build']:,.0f} cells/s ({build_s:.1f} s, "
-              f"{human_bytes(size)})")
-        print(f"  ({cache.n_rows:,} rows, {cache.nnz / cache.n_rows:,.0f} non-zeros per row, "
-              f"{(size - 16 * cache.n_rows) / cache.nnz:.2f} bytes per non-zero, "
-              f"{cache.manifest.get('workers')} build process(es))")
+        cache, results["build"] = build_cache(args, store, cache_cells, genes, build_dir)
         results.update(time_streams(args, store, train, genes, cache, skip))
         if "memory" not in skip:
             memory = memory_besides_cache(args, store, train, genes, cache)
             reader = "worker" if args.workers > 0 else "main"
-            if memory.peaks[reader][2]:  # a pass shorter than one sampling interval has none
+            if memory.peaks[reader][2]:
                 results["memory_gib"] = memory.peaks[reader][0] / 2**30
-            print(f"memory per reading process besides the mapped cache: peak "
-                  f"{memory.describe(memory.peaks[reader])}")
+                print(f"memory per reading process besides the mapped cache: peak "
+                      f"{memory.describe(memory.peaks[reader])}")
+            else:  # every worker came and went between two samples
+                print("memory per reading process: no sample (the pass took under 50 ms)")
             if args.workers > 0:
                 print(f"  (the training process, which receives the batches and also ran the "
                       f"parts above: {memory.describe(memory.peaks['main'])})")
@@ -432,6 +423,25 @@ def main(argv: list[str] | None = None) -> None:
         if args.peers else []
     print_ratios(results, peers)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+def build_cache(args: argparse.Namespace, store: CellArrStore, cells: np.ndarray,
+                genes: np.ndarray, build_dir: Path) -> tuple[TrainingCache, float]:
+    """Builds the cache of ``cells`` in the empty ``build_dir`` (so nothing is reused), timed
+    from the call (estimate and disk check included); prints its line. Returns the cache and
+    cells/s."""
+    start = time.perf_counter()
+    cache = TrainingCache.ensure(store, cells, genes, cache_dir=build_dir,
+                                 target_sum=StreamConfig.target_sum, workers=args.build_workers,
+                                 progress=sys.stderr.isatty(), announce=lambda message: None)
+    seconds = time.perf_counter() - start
+    size = folder_bytes(cache.path)
+    rate = cache.n_rows / seconds
+    print(f"cache build: {rate:,.0f} cells/s ({seconds:.1f} s, {human_bytes(size)})")
+    print(f"  ({cache.n_rows:,} rows, {cache.nnz / cache.n_rows:,.0f} non-zeros per row, "
+          f"{(size - 16 * cache.n_rows) / cache.nnz:.2f} bytes per non-zero, "
+          f"{cache.manifest.get('workers')} build process(es))")
+    return cache, rate
 
 
 def stream_config(args: argparse.Namespace, output: str = "dense") -> StreamConfig:

@@ -23,6 +23,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -493,6 +494,7 @@ class Trainer:
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "state": asdict(self.state),
                 "world_size": acc.num_processes,
+                "torch_threads": torch.get_num_threads(),
                 "signature": self._signature(),
             }, tmp / "trainer.pt")
             path = self.checkpoints.commit(step)
@@ -526,6 +528,13 @@ class Trainer:
                 f"checkpoint {path} was written by {shared['world_size']} processes; this run "
                 f"has {acc.num_processes}. Resume with the same number of processes or start "
                 "over with --resume none")
+        threads = shared.get("torch_threads")
+        if threads is not None and threads != torch.get_num_threads() and self.device.type == "cpu":
+            warnings.warn(
+                f"checkpoint {path} was written with {threads} torch threads, this run has "
+                f"{torch.get_num_threads()}: it continues, but not bit for bit as the "
+                f"uninterrupted run would (set OMP_NUM_THREADS={threads} for that)",
+                stacklevel=2)
         now = self._signature()
         differ = {k: (v, now.get(k)) for k, v in shared["signature"].items() if now.get(k) != v}
         if differ:

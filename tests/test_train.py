@@ -150,17 +150,27 @@ def kill_at(step_number: int):
     return wrap
 
 
-def test_exact_resume_mid_epoch(parts, tmp_path):
-    reference = make_trainer(parts, tmp_path / "reference")
+@pytest.fixture
+def two_threads():
+    """Two torch threads: exactness must hold with multi-threaded kernels (issue 17)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_exact_resume_mid_epoch(parts, tmp_path, two_threads):
+    """Two loader workers, two threads: killed mid-epoch and resumed, bit for bit."""
+    reference = make_trainer(parts, tmp_path / "reference", num_workers=2)
     reference.fit()
     expected = weights_digest(reference.raw_model)
-    interrupted = make_trainer(parts, tmp_path / "run", kill_at(6))  # mid-epoch 1
+    interrupted = make_trainer(parts, tmp_path / "run", kill_at(6), num_workers=2)  # epoch 1
     with pytest.raises(Killed):
         interrupted.fit()
     assert [p.name for p in interrupted.checkpoints.complete()] == ["step-00000004",
                                                                      "step-00000005"]
     assert interrupted.run_dir == run_folder(tmp_path / "run")
-    resumed = make_trainer(parts, tmp_path / "run")
+    resumed = make_trainer(parts, tmp_path / "run", num_workers=2)
     history = resumed.fit()
     assert weights_digest(resumed.raw_model) == expected  # bitwise
     assert [h["epoch"] for h in history] == [0, 1, 2]

@@ -32,8 +32,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the reference lives with the tests that check against it
 
-from scimtrain.losses import mine_triplets
-from tests.reference_impl import descendant_matrix, random_ontology, reference_mine
+from scimtrain.losses import mine_triplets  # noqa: E402  (after the path insert)
+from tests.reference_impl import (  # noqa: E402
+    descendant_matrix,
+    random_ontology,
+    reference_mine,
+)
 
 
 def make_batch(n_cells: int, n_labels: int, n_studies: int, dim: int, noise: float,

@@ -1,4 +1,4 @@
-"""Build a CellArr-layout training store (SPEC §1) from h5ad files.
+"""Build a CellArr-layout training store (docs/scimilarity.md §1) from h5ad files.
 
 Two passes over the inputs (reading and checking a file is :mod:`scimtrain.h5ad`'s job):
 
@@ -297,7 +297,7 @@ def _prepare(out: Path, partial: Path, existing: CellArrStore | None,
 
     Returns the build record and the TileDB context to write with: a context of our own,
     never TileDB's default one, which would make forked DataLoader workers of the same
-    process hang (DESIGN.md, "The loader").
+    process hang (docs/architecture.md, "The loader").
     """
     record = {"scimtrain": __version__, "status": "building", "files": []}
     if existing is None:

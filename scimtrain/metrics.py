@@ -1,4 +1,5 @@
-"""Validation metrics (SPEC §6): ontology-aware silhouette, normalised MSE, evaluation metric.
+"""Validation metrics (docs/scimilarity.md §6): ontology-aware silhouette, normalised MSE,
+evaluation metric.
 
 All take plain tensors and return python floats (they are logged once per pass).
 """
@@ -26,7 +27,7 @@ def ontology_asw(
 ) -> float:
     """Ontology-aware average silhouette width on squared Euclidean distances.
 
-    For each cell i (SPEC §6, SCimilarity's ``get_asw``):
+    For each cell i (docs/scimilarity.md §6, SCimilarity's ``get_asw``):
 
     * same cluster: other cells whose label is i's label or a descendant of it;
     * ignored: cells whose label is an ancestor of i's label;
@@ -88,5 +89,5 @@ def nmse(mse: float | torch.Tensor, x: torch.Tensor) -> float:
 
 
 def evaluation_metric(asw: float, nmse: float) -> float:
-    """``(1 - asw) / 2 + nmse``; lower is better (SPEC §6)."""
+    """``(1 - asw) / 2 + nmse``; lower is better (docs/scimilarity.md §6)."""
     return (1.0 - float(asw)) / 2.0 + float(nmse)

@@ -1,4 +1,4 @@
-"""Encoder and decoder MLPs (SPEC §4), parameter-compatible with SCimilarity.
+"""Encoder and decoder MLPs (docs/scimilarity.md §4), parameter-compatible with SCimilarity.
 
 The module layout is part of the contract: both networks hold an ``nn.ModuleList``
 called ``network`` with one ``nn.Sequential`` per hidden block and a bare ``nn.Linear``
@@ -119,7 +119,7 @@ class EncoderDecoder(nn.Module):
 
     ``hidden_dim`` is in the encoder's order; the decoder gets it reversed. Save
     ``model.encoder.state_dict()`` and ``model.decoder.state_dict()`` separately for a
-    SCimilarity-style model folder (SPEC §7).
+    SCimilarity-style model folder (docs/scimilarity.md §7).
     """
 
     def __init__(
@@ -141,7 +141,7 @@ class EncoderDecoder(nn.Module):
 
 
 def encoder_layer_sizes(encoder: nn.Module) -> dict[str, list[int]]:
-    """``{state-dict key: shape as a list}`` for ``layer_sizes.json`` (SPEC §7).
+    """``{state-dict key: shape as a list}`` for ``layer_sizes.json`` (docs/scimilarity.md §7).
 
     Buffers are included as in SCimilarity (BatchNorm's ``num_batches_tracked`` maps to
     ``[]``), because its inference code rebuilds the architecture from this file.

@@ -368,7 +368,8 @@ class CellOntology:
         return self._descendants[term_id]
 
     def most_viable_parent(self, term_id: str, present: Collection[str]) -> str | None:
-        """SPEC §2.5's coarse-graining target for ``term_id`` among the ``present`` labels, or None.
+        """The coarse-graining target (docs/scimilarity.md §2.5) for ``term_id`` among the
+        ``present`` labels, or None.
 
         With P = the term's parents that are present (sorted by id):
         - one in P: that parent;

@@ -1,4 +1,4 @@
-"""Which cells train, with which labels and weights: SPEC §2, steps 1-9, in order.
+"""Which cells train, with which labels and weights: docs/scimilarity.md §2, steps 1-9, in order.
 
 ``select_cells(store, config, ontology)`` runs: filter → exclude studies → exclude samples
 (listed, and those whose disease names a cancer) → harmonise labels → split off validation
@@ -39,13 +39,15 @@ from scimtrain.store import CellArrStore, StoreError
 
 log = logging.getLogger(__name__)
 
-# SPEC §2.2: a sample is excluded when its disease names any of these (case-insensitive).
+# docs/scimilarity.md §2.2: a sample is excluded when its disease names any of these
+# (case-insensitive).
 CANCER_KEYWORDS: tuple[str, ...] = (
     "cancer", "carcinoma", "leukemia", "myeloma", "glioma", "tumor", "metastati", "melanoma",
     "blastoma", "sarcoma", "cytoma", "lymphoma", "adenoma", "endothelioma", "teratoma",
     "lipoma", "leiomyoma", "meningioma", "ependymoma",
 )
-# SPEC §2.3: SCimilarity's manual harmonisation of human-specific and redundant terms.
+# docs/scimilarity.md §2.3: SCimilarity's manual harmonisation of human-specific and
+# redundant terms.
 HARMONISATION: dict[str, str] = {
     "CL:0000792": "CL:0000815",
     "CL:0001043": "CL:0000896",
@@ -65,14 +67,14 @@ class SelectionError(ValueError):
 
 
 def default_filter(label_column: str = LABEL_COLUMN) -> str:
-    """SCimilarity's default cell filter (SPEC §2.1) for a given label column."""
+    """SCimilarity's default cell filter (docs/scimilarity.md §2.1) for a given label column."""
     return (f"{label_column}!='nan' and total_counts>1000 and n_genes_by_counts>500 and "
             f"pct_counts_mt<20 and predicted_doublets==0 and {label_column}!='CL:0009010'")
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """Inputs of the selection; defaults are SCimilarity's (SPEC §2, §8).
+    """Inputs of the selection; defaults are SCimilarity's (docs/scimilarity.md §2, §8).
 
     ``filter_condition=None`` means :func:`default_filter` on ``label_column``; ``""`` selects
     every cell. ``exclude_samples`` holds ``(study, sample)`` pairs. ``gene_order`` is a file
@@ -148,7 +150,7 @@ class Selection:
 
 def select_cells(store: CellArrStore, config: SelectionConfig = SelectionConfig(),
                  ontology: CellOntology | None = None) -> Selection:
-    """Run SPEC §2 on a store and return the :class:`Selection`.
+    """Run docs/scimilarity.md §2 on a store and return the :class:`Selection`.
 
     Raises:
         StoreError: the store lacks a needed column, or the filter is invalid.
@@ -336,7 +338,7 @@ def split_validation(cells: pd.DataFrame, val_studies: Sequence[str]
 
 def coarse_grain(cells: pd.DataFrame, ontology: CellOntology, min_studies: int) -> pd.DataFrame:
     """Step 5: move labels seen in one study to their most viable parent among the present
-    labels (SPEC §2.5), then keep labels seen in at least ``min_studies`` studies."""
+    labels (docs/scimilarity.md §2.5), then keep labels seen in at least ``min_studies`` studies."""
     if cells.empty:
         return cells
     studies_per_label = cells.groupby(LABEL_ID)[STUDY].nunique()

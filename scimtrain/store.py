@@ -1,7 +1,7 @@
 """Read a CellArr-layout TileDB store: cell metadata, genes, samples and rows of counts.
 
 A store is a folder or any TileDB URI (``s3://bucket/atlas`` works through the TileDB config
-passed as ``config``) holding four arrays (SPEC §1):
+passed as ``config``) holding four arrays (docs/scimilarity.md §1):
 
 - ``counts`` (SCimilarity's location) or ``assays/counts`` (where the ``cellarr`` package
   writes it): sparse, dims (cell, gene), one attribute of raw counts;

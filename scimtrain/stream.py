@@ -7,8 +7,8 @@
    one TileDB query with neighbouring cells coalesced into ranges (``CellArrStore.read_rows``).
    The pool's genes are subset and ordered to the model's gene order once.
 3. **Batch**: the pool's rows are sliced back into its batches in plan order, normalised to
-   ``target_sum`` per cell and ``log1p``'d (SPEC §3), and emitted dense (float32) or as a
-   ``torch.sparse_csr`` tensor for densifying on the GPU.
+   ``target_sum`` per cell and ``log1p``'d (docs/scimilarity.md §3), and emitted dense
+   (float32) or as a ``torch.sparse_csr`` tensor for densifying on the GPU.
 4. **Prefetch**: a background thread reads the next ``prefetch_pools`` pools while the current
    one is served (TileDB releases the GIL). Memory is bounded by ``(1 + prefetch_pools)`` raw
    pools per reading process plus the DataLoader's queue of finished batches.

@@ -30,8 +30,9 @@ from scimtrain.store import join_uri
 from scimtrain.writer import fresh_store, write_counts, write_frames
 
 # (CL id, parent CL id within this list or None). Parents are real CL ancestors (checked
-# against the shipped ontology in the tests); some ids are the ones SPEC §2.3's harmonisation
-# table rewrites, and CL:0009010 is the one SCimilarity's default filter drops.
+# against the shipped ontology in the tests); some ids are the ones the harmonisation table
+# rewrites (docs/scimilarity.md §2.3), and CL:0009010 is the one SCimilarity's default filter
+# drops.
 CELL_TYPES: tuple[tuple[str, str | None], ...] = (
     ("CL:0000084", None),  # T cell
     ("CL:0000624", "CL:0000084"),  # CD4-positive, alpha-beta T cell

@@ -1,6 +1,7 @@
 """Write CellArr-layout stores: the counts array, the dataframes, a whole store.
 
-Used by the synthetic stores and by ingestion from h5ad. The layout is CellArr's (SPEC §1):
+Used by the synthetic stores and by ingestion from h5ad. The layout is CellArr's
+(docs/scimilarity.md §1):
 ``counts`` sparse with uint32 dims ``cell_index``/``gene_index`` over the full uint32 domain and
 one Gzip-filtered attribute ``data``; dense frames written with ``tiledb.from_pandas``.
 """
@@ -45,7 +46,8 @@ def create_counts_array(uri: str, value_dtype: np.dtype = np.uint16, capacity: i
 def write_frame(uri: str, frame: pd.DataFrame, ctx: tiledb.Ctx | None = None) -> None:
     """Write a DataFrame as a dense TileDB frame (``tiledb.from_pandas``), row index 0..n-1.
 
-    Missing strings are written as ``'\\x00'``, which readers treat as null (SPEC §2.1).
+    Missing strings are written as ``'\\x00'``, which readers treat as null
+    (docs/scimilarity.md §2.1).
     """
     frame = frame.reset_index(drop=True).copy()
     for column in frame.columns:

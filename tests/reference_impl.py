@@ -1,4 +1,5 @@
-"""Plain-Python reference for triplet mining and the ontology ASW, written from SPEC §5-6.
+"""Plain-Python reference for triplet mining and the ontology ASW, written from
+docs/scimilarity.md §5-6.
 
 Deliberately shaped like SCimilarity's ``TripletSelector``: loops over labels and over
 anchor-positive pairs, numpy only for one pair's candidate vector. It is the oracle the tests
@@ -39,7 +40,7 @@ def reference_mine(
     keep_windows: bool = True,
     dist: np.ndarray | None = None,
 ) -> dict:
-    """Mine as SPEC §5 says. Returns ``triplets`` (list of (a, p, n)), ``num_hard``,
+    """Mine as docs/scimilarity.md §5 says. Returns ``triplets`` (list of (a, p, n)), ``num_hard``,
     ``num_viable`` and, if ``keep_windows``, ``windows``: {(a, p): array of the negatives the
     selection could pick}, for every pair (empty array = no triplet for that pair).
     ``dist`` overrides the distance matrix (for exact ties: two BLAS libraries may round the
@@ -85,7 +86,7 @@ def reference_mine(
 
 
 def reference_asw(embeddings: np.ndarray, labels, descendant: np.ndarray) -> float:
-    """SPEC §6's ontology-aware silhouette, one cell and one other cell at a time."""
+    """docs/scimilarity.md §6's ontology-aware silhouette, one cell and one other cell at a time."""
     labels = [int(x) for x in labels]
     dist = reference_distances(np.asarray(embeddings, dtype=np.float64))
     anc, desc = ancestors_descendants(np.asarray(descendant))

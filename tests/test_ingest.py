@@ -376,7 +376,8 @@ def test_find_sources(tmp_path):
 
 
 def test_selection_and_training_on_a_built_store(tmp_path):
-    """SPEC §2 with SCimilarity's defaults (filter, cancer exclusion, >= 2 studies) selects
+    """The selection (docs/scimilarity.md §2) with SCimilarity's defaults (filter, cancer
+    exclusion, >= 2 studies) selects
     exactly the cells the built metadata says it should, without any extra option; then
     bin/train.py trains on the store."""
     from scimtrain import selection

@@ -1,4 +1,4 @@
-"""Vectorised mining and losses against the plain-Python reference (SPEC §5)."""
+"""Vectorised mining and losses against the plain-Python reference (docs/scimilarity.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Ontology-aware ASW against the plain-Python reference; nmse; evaluation metric (SPEC §6)."""
+"""Ontology-aware ASW against the plain-Python reference; nmse; evaluation metric
+(docs/scimilarity.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Encoder/decoder layout and behaviour (SPEC §4)."""
+"""Encoder/decoder layout and behaviour (docs/scimilarity.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CellOntology: the shipped CL snapshot, OBO / OBO Graphs JSON parsing, SPEC §2.5's
+"""CellOntology: the shipped CL snapshot, OBO / OBO Graphs JSON parsing, docs/scimilarity.md §2.5's
 most-viable-parent rule, the label x label matrices, the no-ontology mode and bad input."""
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def test_default_known_facts():
         ps = cl.parents(t)
         assert list(ps) == sorted(ps)
         assert cl.ancestors(t) == set(ps).union(*(cl.ancestors(p) for p in ps))
-    # SCimilarity's harmonisation targets exist (SPEC §2.3)
+    # SCimilarity's harmonisation targets exist (docs/scimilarity.md §2.3)
     for t in ("CL:0000815", "CL:0000896", "CL:0000451", "CL:0000782", "CL:0000784", "CL:0009010"):
         assert t in cl and not cl.is_obsolete(t)
 
@@ -199,7 +199,8 @@ def test_parent_matrix(toy):
     assert toy.parent_matrix([]).shape == (0, 0)
 
 
-# ---------------------------------------------------------------- most viable parent (SPEC §2.5)
+# ---------------------------------------------------------------- most viable parent
+# (docs/scimilarity.md §2.5)
 def test_mvp_one_present_parent(toy):
     assert toy.most_viable_parent("X:5", {"X:3", "X:1"}) == "X:3"
     assert toy.most_viable_parent("X:9", {"X:4", "X:1"}) == "X:4"  # one of two parents present

@@ -1,4 +1,5 @@
-"""SPEC §2 step by step, on small hand-built stores whose right answer is known by construction."""
+"""The selection (docs/scimilarity.md §2) step by step, on small hand-built stores whose right
+answer is known by construction."""
 
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ def test_pickles_without_handles(small):
 
 
 def test_synthetic_layout_is_cellarr(tiny_store):
-    """Dims, attribute and frames as SPEC §1 describes a CellArr store."""
+    """Dims, attribute and frames as docs/scimilarity.md §1 describes a CellArr store."""
     with tiledb.open(f"{tiny_store}/counts") as arr:
         schema = arr.schema
         assert schema.sparse

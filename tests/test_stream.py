@@ -265,7 +265,7 @@ def test_prefetch_order_errors_and_early_stop():
             got.append(item)
     assert got == [1]
     before = threading.active_count()
-    for item in prefetch(iter(range(100)), 1):  # the consumer leaves with the buffer full
+    for _item in prefetch(iter(range(100)), 1):  # the consumer leaves with the buffer full
         break
     assert threading.active_count() == before  # the producer thread stopped and was joined
 

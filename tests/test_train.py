@@ -52,7 +52,7 @@ def test_train_script_end_to_end(tiny_store, tmp_path):
     done = run_script(small_run_flags(tiny_store, tmp_path))
     name = "model_48_0.05_8_2_0.001_t"
     folder = tmp_path / "models" / name
-    # SPEC §7, read the way SCimilarity's CellEmbedding reads it.
+    # docs/scimilarity.md §7, read the way SCimilarity's CellEmbedding reads it.
     genes = (folder / "gene_order.tsv").read_text().split()
     sizes = json.loads((folder / "layer_sizes.json").read_text())
     layers = [(k, sizes[k]) for k in sorted(sizes) if "weight" in k and len(sizes[k]) > 1]

@@ -3,7 +3,7 @@
 Reading random cells from TileDB costs a tile per cell; a gather from memory-mapped CSR rows
 costs a copy. So a run builds, once, a local copy of its selection (train cells, then
 validation cells; genes in model order; values log-normalised exactly as the stream does it)
-and its streams gather batches from it (DESIGN.md, "The training cache").
+and its streams gather batches from it (docs/architecture.md, "The training cache").
 
 - :mod:`~scimtrain.cache.layout`: the files, the manifest and their checks;
 - :mod:`~scimtrain.cache.key`: what a cache is keyed by;

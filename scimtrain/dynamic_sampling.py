@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import get_worker_info
 
 from scimtrain.sampling import SamplingError
@@ -275,7 +276,12 @@ class DynamicCellStream(CellStream):
         return super().__iter__()
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "dynamic_weights": self.plan.state_dict(self.rank)}
+        plan = self.plan.state_dict(self.rank)
+        # As tensors: checkpoints are read with torch.load(weights_only=True), which refuses
+        # numpy arrays.
+        plan.update(positions=torch.from_numpy(plan["positions"]),
+                    values=torch.from_numpy(plan["values"]))
+        return {**super().state_dict(), "dynamic_weights": plan}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -284,4 +290,5 @@ class DynamicCellStream(CellStream):
             raise ValueError("this stream state holds no dynamic sampling weights (it was "
                              "saved by a run without --dynamic_weights): resume with the same "
                              "settings")
-        self.plan.load_state_dict(saved)
+        self.plan.load_state_dict({**saved, "positions": np.asarray(saved["positions"]),
+                                   "values": np.asarray(saved["values"])})

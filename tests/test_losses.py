@@ -320,12 +320,17 @@ def test_mixed_loss_and_l1():
     assert mixed_loss(t, m, 0.0) is m and mixed_loss(t, m, 1.0) is t
     assert torch.isclose(mixed_loss(t, m, 0.25), torch.tensor(0.25 * 2 + 0.75 * 4))
     enc = Encoder(7, latent_dim=3, hidden_dim=[5, 4])
-    first = enc.network[0][1]
-    expect = 1e-4 * 0.005 * (first.weight.abs().sum() + first.bias.abs().sum())
-    got = l1_penalty(enc, 1e-4, 0.005)
-    assert torch.isclose(got, expect)
-    got.backward()
-    assert first.weight.grad is not None and enc.network[-1].weight.grad is None
+    first, last = enc.network[0][1], enc.network[-1]
+    for layer, linear in (("first", first), ("last", last)):
+        expect = 1e-4 * 0.005 * (linear.weight.abs().sum() + linear.bias.abs().sum())
+        got = l1_penalty(enc, 1e-4, 0.005, layer=layer)
+        assert torch.isclose(got, expect)
+        got.backward()
+        other = last if linear is first else first
+        assert linear.weight.grad is not None and other.weight.grad is None
+        enc.zero_grad(set_to_none=True)
+    # SCimilarity's code penalises the bottleneck: the default
+    assert torch.equal(l1_penalty(enc, 1e-4, 0.005), l1_penalty(enc, 1e-4, 0.005, "last"))
     assert l1_penalty(enc, 0.0, 0.005).item() == 0.0
 
 

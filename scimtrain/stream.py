@@ -20,10 +20,27 @@ cached CSR batches) are filled into buffers that are reused once the consumer ha
 them (:mod:`scimtrain.cache.buffers`), in shared memory inside workers.
 
 Workers: iterating a stream with ``num_workers > 0`` starts a DataLoader over the stream
-itself; batch ``k`` of the epoch is made by worker ``k % num_workers``, which is exactly the
-order the DataLoader returns them in, so the batches are the same for any number of workers.
-Each worker pools *its own* batches. Ranks: each rank builds a stream with its ``rank`` and
-``world_size`` and reads only its own batches; all ranks yield the same number.
+itself. Its workers make one endless sequence of *global* batches ``g = epoch * len + k`` from
+the position ``g0`` they were started at: worker ``w`` makes the ``g`` with ``g - g0 = w``
+(mod ``num_workers``), which is exactly the order the DataLoader returns them in (item ``j``
+from worker ``j % num_workers``), so the batches are the same for any number of workers. Each
+worker pools *its own* batches, never across an epoch boundary.
+
+The workers persist across epochs (starting them costs ~0.2 s with fork, seconds with spawn):
+an iteration that asks for exactly the batch the live workers hand out next (epoch ``e + 1``
+from batch 0 after epoch ``e`` was consumed to its end, or the rest of an epoch left early)
+reuses them; any other position (``load_state_dict``, ``set_epoch`` skipping epochs, an epoch
+left early and then another one, a changed config or plan) shuts them down and starts fresh
+ones there. :meth:`CellStream.close` (the Trainer calls it at the end of ``fit``), garbage
+collection and an exit handler stop them. Memory: live workers keep their batch buffers and
+the DataLoader's queue (``2 * num_workers`` finished batches of the next epoch) between
+epochs and after the last one until they are stopped. Only a plan whose batches are a pure
+function of (seed, epoch, rank, k) (:class:`~scimtrain.sampling.SamplingPlan`) lets workers
+run on: a plan with state carried between epochs (dynamic weights) is prepared in the
+training process before each epoch, so its workers restart every epoch.
+
+Ranks: each rank builds a stream with its ``rank`` and ``world_size`` and reads only its own
+batches; all ranks yield the same number.
 
 State: ``state_dict()`` is ``{"epoch", "consumed"}`` as counted in the iterating process;
 ``load_state_dict`` followed by iteration yields batch ``consumed``, ``consumed + 1``, ... of
@@ -32,12 +49,15 @@ that epoch without reading the ones before.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import gc
 import multiprocessing
+import os
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterator, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -175,7 +195,10 @@ class CellStream(IterableDataset):
                 n_store_genes
         self.cache = cache
         self.cache_offset = int(cache_offset)
-        self._flags: torch.Tensor | None = None  # batch buffers' flags, set per iteration
+        self._flags: torch.Tensor | None = None  # batch buffers' flags, set per worker start
+        # Where started workers begin (global batch) and whether they run on past its epoch.
+        self._feed: tuple[int, bool] = (0, False)
+        self._workers: _Workers | None = None  # the live loader workers (main process only)
         if cache is not None:
             check_cache(cache, cache_offset, cells, self.gene_indices, n_store_genes, config)
             cache.warm_up()
@@ -207,6 +230,87 @@ class CellStream(IterableDataset):
                 f"seed={state.get('seed')}, this stream has world_size={self.world_size} and "
                 f"seed={self.config.seed}: resume with the same settings")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        # A jump: the state may carry more than a position (a dynamic plan's weights).
+        self.close()
+
+    # ------------------------------------------------------------------ workers
+
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        """Process ids of the live loader workers (empty when none run)."""
+        workers = self._workers
+        if workers is None:
+            return ()
+        return tuple(p.pid for p in getattr(workers.iterator, "_workers", []))
+
+    def close(self) -> None:
+        """Stop this stream's loader workers, if any run; the next iteration starts fresh
+        ones. Safe to call more than once."""
+        workers, self._workers = self.__dict__.get("_workers"), None
+        if _LIVE is not None:
+            _LIVE.discard(self)
+        if workers is not None:
+            workers.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone; workers are daemons
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (spawned workers, copies) without the live workers: they belong to the
+        process that started them."""
+        state = dict(self.__dict__)
+        state["_workers"] = None
+        return state
+
+    def _workers_persist(self) -> bool:
+        """Whether workers may run on into the next epochs: only when they can draw any
+        epoch's batches themselves, i.e. the static plan (a pure function of seed, epoch, rank
+        and k). A plan carrying state between epochs (DynamicSamplingPlan) is prepared in this
+        process before each epoch's workers start, so those restart every epoch."""
+        return isinstance(self.plan, SamplingPlan)
+
+    def _source(self) -> tuple:
+        """What started workers have copied: running ones are reused only while it is the
+        same (config and place by value, the other parts by identity)."""
+        return ((self.config, self.rank, self.world_size, self.cache_offset),
+                (self.plan, self.cache, self.cells, self.store, self.gene_indices))
+
+    def _matches(self, workers: _Workers, start: int) -> bool:
+        values, objects = self._source()
+        return workers.next == start and workers.source[0] == values and all(
+            a is b for a, b in zip(workers.source[1], objects))
+
+    def _start_workers(self, start: int, persist: bool) -> _Workers:
+        """A DataLoader over this stream whose workers begin at global batch ``start``."""
+        self.close()
+        # Batch buffers are reused once this process lets go of them (cached CSR and any
+        # dense batches; TileDB's CSR batches are made from the arrays its read returns).
+        # Pinning copies each batch out of its buffer first: nothing to reuse then.
+        reuse = self.config.output == "dense" or self.cache is not None
+        flags = make_flags(self.config.num_workers, shared=True) \
+            if reuse and not self.config.pin_memory else None
+        self._flags = flags  # reaches the workers with the stream itself, as does _feed
+        self._feed = (start, persist)
+        # TileDB objects waiting in reference cycles are freed here, in their own process:
+        # a forked worker's garbage collector freeing them would segfault.
+        gc.collect()
+        iterator = iter(DataLoader(
+            self, batch_size=None, num_workers=self.config.num_workers,
+            multiprocessing_context=self.config.multiprocessing_context,
+            # Finished batches waiting per worker: dense ones are large (B x G float32).
+            pin_memory=self.config.pin_memory, prefetch_factor=2,
+            worker_init_fn=_worker_init,
+            # The workers' base seed comes from this generator, not from torch's global
+            # one, which dropout also draws from: starting workers (as a resumed epoch
+            # does once more) must not shift the training's random stream.
+            generator=torch.Generator().manual_seed(
+                hash((self.config.seed, self.epoch, self.rank)) & (2**63 - 1))))
+        self._workers = _Workers(iterator, flags, start, self._source())
+        _LIVE.add(self)
+        return self._workers
 
     # ------------------------------------------------------------------ iteration
 
@@ -222,62 +326,64 @@ class CellStream(IterableDataset):
                     "StreamConfig.num_workers) instead of wrapping it")
             protect_inherited_objects()
             ring = None if self._flags is None else BufferRing(self._flags, info.id)
-            yield from self._produce(self.epoch, self.consumed, info.id, info.num_workers,
-                                     ring)
+            start, endless = self._feed
+            yield from self._produce(
+                worker_epochs(start, len(self), info.id, info.num_workers, endless), ring)
             return
         if self.consumed >= len(self):  # a finished epoch iterates again from the start
             self.consumed = 0
-        # Batch buffers are reused once this process lets go of them (cached CSR and any
-        # dense batches; TileDB's CSR batches are made from the arrays its read returns).
-        reuse = self.config.output == "dense" or self.cache is not None
-        flags = None
+        if self.consumed >= len(self):  # no batches at all
+            return
+        start = self.epoch * len(self) + self.consumed
         if self.config.num_workers == 0:
-            source = self._produce(self.epoch, self.consumed, 0, 1,
+            self.close()  # workers of an earlier config, if any
+            reuse = self.config.output == "dense" or self.cache is not None
+            source = self._produce(worker_epochs(start, len(self), 0, 1, False),
                                    BufferRing() if reuse else None)
-        else:
-            # Pinning copies each batch out of its buffer first: nothing to reuse then.
-            flags = make_flags(self.config.num_workers, shared=True) \
-                if reuse and not self.config.pin_memory else None
-            self._flags = flags  # reaches the workers with the stream itself
-            # TileDB objects waiting in reference cycles are freed here, in their own process:
-            # a forked worker's garbage collector freeing them would segfault.
-            gc.collect()
-            source = iter(DataLoader(
-                self, batch_size=None, num_workers=self.config.num_workers,
-                multiprocessing_context=self.config.multiprocessing_context,
-                # Finished batches waiting per worker: dense ones are large (B x G float32).
-                pin_memory=self.config.pin_memory, prefetch_factor=2,
-                worker_init_fn=_worker_init,
-                # The workers' base seed comes from this generator, not from torch's global
-                # one, which dropout also draws from: starting workers (as a resumed epoch
-                # does once more) must not shift the training's random stream.
-                generator=torch.Generator().manual_seed(
-                    hash((self.config.seed, self.epoch, self.rank)) & (2**63 - 1))))
-        for batch in source:
-            if flags is not None:
-                register(batch.x, flags)
-            # Counted before handing out, so a state_dict() taken while the consumer holds
-            # batch k says "k + 1 consumed".
-            self.consumed += 1
+            for batch in source:
+                # Counted before handing out, so a state_dict() taken while the consumer
+                # holds batch k says "k + 1 consumed".
+                self.consumed += 1
+                yield batch
+                del batch  # not held here while the next is made: its buffer can be reused
+            return
+        persist = self._workers_persist()
+        workers = self._workers
+        if workers is None or not self._matches(workers, start):
+            workers = self._start_workers(start, persist)
+        token = workers.owner = object()
+        for _ in range(len(self) - self.consumed):
+            if self._workers is not workers or workers.owner is not token:
+                return  # a later iteration took these workers over, or they were closed
+            try:
+                batch = next(workers.iterator)
+            except BaseException:
+                self.close()  # a worker failed or the fetch was interrupted: start afresh
+                raise
+            workers.next += 1
+            if workers.flags is not None:
+                register(batch.x, workers.flags)
+            self.consumed += 1  # before handing out, as above
             yield batch
-            del batch  # not held here while the next one is fetched: its buffer can be reused
+            del batch
+        if not persist:
+            self.close()
 
-    def _produce(self, epoch: int, start: int, worker: int, n_workers: int,
+    def _produce(self, epochs: Iterator[tuple[int, list[int]]],
                  ring: BufferRing | None) -> Iterator[Batch]:
-        """This worker's batches of ``epoch`` from batch ``start`` on: read pool by pool from
-        TileDB, or gathered batch by batch from the cache. Dense batches go into ``ring``'s
-        buffers when there is one."""
-        mine = list(range(start + worker, len(self), n_workers))
+        """The batches ``(epoch, [k, ...])`` of ``epochs`` (see :func:`worker_epochs`), in
+        order: read pool by pool from TileDB, or gathered batch by batch from the cache.
+        Dense batches go into ``ring``'s buffers when there is one."""
         if self.cache is not None:
             cached = (self._cached_batch(self.plan.batch(epoch, self.rank, k), ring)
-                      for k in mine)
+                      for epoch, ks in epochs for k in ks)
             # In a worker the DataLoader already keeps batches ahead; in-process, a thread
             # gathers the next batch while the consumer trains (the gathers release the GIL).
             depth = self.config.prefetch_pools if get_worker_info() is None else 0
             yield from prefetch(cached, depth)
             return
-        pools = ramped_pools(mine, self.config.pool_batches)
-        plans = ([self.plan.batch(epoch, self.rank, k) for k in pool] for pool in pools)
+        pools = epoch_pools(epochs, self.config.pool_batches)
+        plans = ([self.plan.batch(epoch, self.rank, k) for k in pool] for epoch, pool in pools)
         reads = ((batches, self._read_pool(batches)) for batches in plans)
         for batches, pool in prefetch(reads, self.config.prefetch_pools):
             yield from self._batches_of_pool(batches, pool, ring)
@@ -365,6 +471,38 @@ def protect_inherited_objects() -> None:
 
 # Set in the DataLoader workers a CellStream starts itself (and only there).
 _OWN_WORKER = False
+# Streams with live workers, stopped at exit before torch's and multiprocessing's own exit
+# handlers run (registered after them, so run before them).
+_LIVE: weakref.WeakSet | None = weakref.WeakSet()
+
+
+class _Workers:
+    """A stream's running DataLoader iterator and what it hands out next.
+
+    ``next``: the global batch (``epoch * len + k``) the iterator returns next; ``source``:
+    what the workers copied (:meth:`CellStream._source`); ``owner``: the iteration that
+    consumes it now; ``pid``: the process that started them (only it may stop them: a forked
+    child holds a copy of this object too).
+    """
+
+    def __init__(self, iterator: Any, flags: torch.Tensor | None, start: int,
+                 source: tuple) -> None:
+        self.iterator, self.flags, self.next, self.source = iterator, flags, start, source
+        self.owner: object | None = None
+        self.pid = os.getpid()
+
+    def close(self) -> None:
+        shutdown = getattr(self.iterator, "_shutdown_workers", None)
+        if self.pid == os.getpid() and shutdown is not None:
+            shutdown()
+
+
+def _close_live_streams() -> None:
+    for stream in list(_LIVE or ()):
+        stream.close()
+
+
+atexit.register(_close_live_streams)
 
 
 def _worker_init(_: int) -> None:
@@ -400,6 +538,40 @@ def cell_dataloader(stream: CellStream, num_workers: int = 2, *, pin_memory: boo
                             multiprocessing_context=multiprocessing_context)
     loader.store = stream.store.with_config(reader_config(loader.config))
     return loader
+
+
+def worker_epochs(start: int, n_batches: int, worker: int, n_workers: int,
+                  endless: bool) -> Iterator[tuple[int, list[int]]]:
+    """One worker's batches, epoch by epoch: ``(epoch, [k, ...])``.
+
+    The workers of a DataLoader started at global batch ``start`` (``epoch * n_batches + k``)
+    share the global batches ``start, start + 1, ...`` round robin: worker ``worker`` of
+    ``n_workers`` makes those ``g`` with ``g - start = worker`` (mod ``n_workers``), the order
+    the DataLoader returns them in. Only ``start``'s epoch unless ``endless``; an epoch where
+    the worker has no batch is skipped.
+    """
+    if n_batches < 1:
+        return
+    g, epoch = start + worker, start // n_batches
+    while endless or epoch == start // n_batches:
+        first = epoch * n_batches
+        if g < first + n_batches:
+            ks = list(range(g - first, n_batches, n_workers))
+            yield epoch, ks
+            g = first + ks[-1] + n_workers
+        epoch += 1
+
+
+def epoch_pools(epochs: Iterator[tuple[int, list[int]]], pool_batches: int
+                ) -> Iterator[tuple[int, list[int]]]:
+    """``(epoch, pool)`` for each pool of the epochs' batches; a pool never spans two
+    epochs. The first epoch's pools ramp up (:func:`ramped_pools`); later ones are read while
+    the epoch before is served, so they are full-size from the start."""
+    for i, (epoch, ks) in enumerate(epochs):
+        pools = ramped_pools(ks, pool_batches) if i == 0 else \
+            [ks[j:j + pool_batches] for j in range(0, len(ks), pool_batches)]
+        for pool in pools:
+            yield epoch, pool
 
 
 def ramped_pools(batches: list[int], pool_batches: int) -> list[list[int]]:

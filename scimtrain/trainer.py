@@ -250,6 +250,8 @@ class Trainer:
             with self._preemption_handlers():
                 return self._fit()
         finally:
+            for data in (self.train_data, self.val_data):  # stops streams' persistent workers
+                getattr(data, "close", lambda: None)()
             self._close_writer()
             if self.run_dir and self.is_main:
                 runlock.release(self.run_dir)

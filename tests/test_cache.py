@@ -479,3 +479,73 @@ def test_batches_dropped_as_they_come_are_still_exact(tiny_store, selection, cac
     assert identical(copies, [b._replace(x=b.x.to_dense()) for b in reference])
     if workers == 0:
         assert len(pointers) < 12  # buffers were reused
+
+
+@pytest.mark.parametrize("output", ["dense", "csr"])
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_persistent_workers_reuse_their_buffers_across_epochs_exactly(tiny_store, selection,
+                                                                     cache, context, output):
+    """Three epochs on the same workers, each batch dropped as it comes (so the workers'
+    buffers are refilled across the epoch boundaries): the TileDB batches of each epoch, and
+    those of workers started for that epoch alone."""
+    def dropped_as_they_come(stream) -> list:
+        copies = []
+        for batch in stream:
+            x = batch.x.to_dense().clone() if output == "csr" else batch.x.clone()
+            copies.append(batch._replace(x=x))
+            del batch, x
+        return copies
+
+    knobs = {"world": 1, "output": output, "n_batches": 8}
+    tiledb_stream, _ = streams(tiny_store, selection, cache, "train", **knobs)
+    _, cached = streams(tiny_store, selection, cache, "train", num_workers=2,
+                        multiprocessing_context=context, **knobs)
+    pids = []
+    for epoch in range(3):
+        tiledb_stream.set_epoch(epoch)
+        reference = [b._replace(x=b.x.to_dense()) for b in tiledb_stream]
+        _, fresh = streams(tiny_store, selection, cache, "train", num_workers=2, **knobs)
+        fresh.set_epoch(epoch)
+        fresh_batches = dropped_as_they_come(fresh)
+        fresh.close()
+        cached.set_epoch(epoch)
+        got = dropped_as_they_come(cached)
+        pids.append(cached.worker_pids)
+        assert identical(got, reference) and identical(got, fresh_batches), epoch
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+    cached.load_state_dict({"epoch": 0, "consumed": 3})  # a jump: new workers, still exact
+    tiledb_stream.set_epoch(0)
+    reference = [b._replace(x=b.x.to_dense()) for b in tiledb_stream]
+    assert identical(dropped_as_they_come(cached), reference[3:])
+    assert not set(cached.worker_pids) & set(pids[0])
+    cached.close()
+
+
+def test_persistent_workers_refill_a_few_buffers_across_epochs(tiny_store, selection, cache,
+                                                              monkeypatch):
+    """90 dense batches over 3 epochs on the same (forked) workers, each dropped as it
+    comes: the workers' rings make at most their slots' worth of buffers, not one a batch."""
+    import multiprocessing
+
+    from scimtrain.cache import buffers
+
+    made = multiprocessing.get_context("fork").Value("i", 0)  # counted in the workers
+    original = buffers._new_storage
+
+    def counting(nbytes: int, shared: bool):
+        with made.get_lock():
+            made.value += 1
+        return original(nbytes, shared)
+
+    monkeypatch.setattr(buffers, "_new_storage", counting)
+    _, cached = streams(tiny_store, selection, cache, "train", world=1, n_batches=30,
+                        num_workers=2, multiprocessing_context="fork")
+    pids = set()
+    for epoch in range(3):
+        cached.set_epoch(epoch)
+        for batch in cached:
+            del batch
+        pids.add(cached.worker_pids)
+    cached.close()
+    assert len(pids) == 1
+    assert 0 < made.value <= 2 * buffers.SLOTS_PER_RING

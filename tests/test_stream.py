@@ -230,6 +230,180 @@ def test_worker_start_methods_finish(tiny_store, context):
     assert done.stdout.strip() == "128"
 
 
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_process_exits_with_live_workers_left_running(tiny_store, context):
+    """Workers left running after two epochs (never closed) do not keep the process from
+    exiting, and they were the same processes in both epochs."""
+    code = textwrap.dedent(f"""
+        from scimtrain.selection import SelectionConfig, select_cells
+        from scimtrain.store import CellArrStore
+        from scimtrain.stream import CellStream, CellTable, StreamConfig
+        if __name__ == "__main__":
+            store = CellArrStore({tiny_store!r})
+            sel = select_cells(store, SelectionConfig(filter_condition={TINY_FILTER!r}))
+            stream = CellStream(store, CellTable.from_frame(sel.train), sel.gene_indices,
+                                StreamConfig(batch_size=32, n_batches=4, num_workers=2,
+                                             multiprocessing_context={context!r}))
+            n = sum(b.x.shape[0] for b in stream)
+            pids = stream.worker_pids
+            stream.set_epoch(1)
+            n += sum(b.x.shape[0] for b in stream)
+            print(n, len(pids), stream.worker_pids == pids)
+    """)
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
+                          text=True, timeout=180)  # a hang fails instead of stalling
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "256 2 True"
+
+
+# ------------------------------------------------------------------ workers across epochs
+
+
+def epochs_of(stream: CellStream, epochs: range) -> tuple[list[list], list[tuple]]:
+    """Each epoch's batches and the worker processes that were running after it."""
+    batches, pids = [], []
+    for epoch in epochs:
+        stream.set_epoch(epoch)
+        batches.append(list(stream))
+        pids.append(stream.worker_pids)
+    return batches, pids
+
+
+def fresh_epochs(make, epochs: range) -> list[list]:
+    """Each epoch from a new stream (workers started for that epoch alone)."""
+    out = []
+    for epoch in epochs:
+        stream = make()
+        stream.set_epoch(epoch)
+        out.append(list(stream))
+        stream.close()
+    return out
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_persist_across_epochs_with_the_same_batches(tiny_store, tiny_selection,
+                                                             context):
+    reference, _ = epochs_of(make_stream(tiny_store, tiny_selection), range(4))
+    fresh = fresh_epochs(lambda: make_stream(tiny_store, tiny_selection, num_workers=2),
+                         range(3))
+    stream = make_stream(tiny_store, tiny_selection, num_workers=2,
+                         multiprocessing_context=context)
+    got, pids = epochs_of(stream, range(3))
+    assert all(same(g, r) and same(g, f) for g, r, f in zip(got, reference, fresh))
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+    old = list(stream._workers.iterator._workers)
+    # a jump (load_state_dict elsewhere) starts new workers there and stops the old ones
+    stream.load_state_dict({"epoch": 1, "consumed": 4})
+    assert same(list(stream), reference[1][4:])
+    assert len(stream.worker_pids) == 2 and not set(stream.worker_pids) & set(pids[0])
+    assert not any(p.is_alive() for p in old)
+    stream.close()
+    assert stream.worker_pids == ()
+    stream.set_epoch(3)  # after close(): fresh workers again
+    assert same(list(stream), reference[3])
+    stream.close()
+
+
+def test_a_left_epoch_continues_on_the_same_workers_or_restarts_for_another(tiny_store,
+                                                                              tiny_selection):
+    reference, _ = epochs_of(make_stream(tiny_store, tiny_selection), range(3))
+    stream = make_stream(tiny_store, tiny_selection, num_workers=2)
+    head = []
+    for batch in stream:  # epoch 0 left after 3 batches
+        head.append(batch)
+        if len(head) == 3:
+            break
+    pids = stream.worker_pids
+    rest = list(stream)  # the rest of epoch 0: what the live workers make next
+    assert same(head + rest, reference[0]) and stream.worker_pids == pids
+    stream.set_epoch(1)
+    head = [batch for batch, _ in zip(stream, range(2))]  # epoch 1 left after 2 batches
+    assert same(head, reference[1][:2]) and stream.worker_pids == pids
+    stream.set_epoch(2)  # the rest of epoch 1 abandoned: fresh workers at epoch 2
+    assert same(list(stream), reference[2]) and not set(stream.worker_pids) & set(pids)
+    pids = stream.worker_pids
+    stream.set_epoch(5)  # skipping epochs is a jump too
+    skipped = make_stream(tiny_store, tiny_selection)
+    skipped.set_epoch(5)
+    assert same(list(stream), list(skipped)) and not set(stream.worker_pids) & set(pids)
+    stream.close()
+
+
+def test_an_older_iteration_stops_when_a_newer_one_takes_the_workers(tiny_store,
+                                                                    tiny_selection):
+    reference, _ = epochs_of(make_stream(tiny_store, tiny_selection), range(1))
+    stream = make_stream(tiny_store, tiny_selection, num_workers=2)
+    first = iter(stream)
+    head = [next(first), next(first)]
+    second = iter(stream)  # continues where the first left: batch 2 on
+    assert same(head + list(second), reference[0])
+    assert list(first) == []  # it no longer owns the workers: it must not steal batches
+    stream.close()
+
+
+def test_exact_resume_across_epochs_with_persistent_workers(tiny_store, tiny_selection):
+    reference, _ = epochs_of(make_stream(tiny_store, tiny_selection), range(3))
+    stream = make_stream(tiny_store, tiny_selection, num_workers=2)
+    got = list(stream)
+    stream.set_epoch(1)
+    for batch in stream:
+        got.append(batch)
+        if stream.state_dict()["consumed"] == 5:
+            state = stream.state_dict()
+            break
+    stream.close()
+    resumed = make_stream(tiny_store, tiny_selection, num_workers=2)
+    resumed.load_state_dict(state)
+    got += list(resumed)
+    resumed.set_epoch(2)
+    got += list(resumed)
+    resumed.close()
+    assert same(got, reference[0] + reference[1] + reference[2])
+
+
+def test_a_pickled_or_copied_stream_leaves_the_live_workers_behind(tiny_store, tiny_selection):
+    import copy
+    import pickle
+
+    stream = make_stream(tiny_store, tiny_selection, num_workers=2)
+    first = list(stream)
+    assert len(stream.worker_pids) == 2
+    clone = pickle.loads(pickle.dumps(stream))  # a live DataLoader iterator cannot pickle
+    shallow = copy.copy(stream)
+    assert clone.worker_pids == () and shallow.worker_pids == ()
+    assert len(stream.worker_pids) == 2
+    shallow.set_epoch(0)
+    assert same(list(shallow), first)  # its own workers
+    shallow.close()
+    stream.close()
+
+
+def test_dynamic_weights_restart_workers_each_epoch_with_the_same_batches(tiny_store,
+                                                                          tiny_selection):
+    """A dynamic plan is prepared in this process before each epoch: its workers restart."""
+    from scimtrain.dynamic_sampling import DynamicCellStream
+
+    def make(workers: int) -> DynamicCellStream:
+        return DynamicCellStream(tiny_store, CellTable.from_frame(tiny_selection.train),
+                                 tiny_selection.gene_indices,
+                                 StreamConfig(batch_size=64, n_batches=5, pool_batches=2,
+                                              num_workers=workers))
+
+    reference, _ = epochs_of(make(0), range(3))
+    stream = make(2)
+    pids = []
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        batches = []
+        for batch in stream:
+            batches.append(batch)
+            if len(batches) == 1:
+                pids.append(stream.worker_pids)
+        assert same(batches, reference[epoch])
+        assert stream.worker_pids == ()  # stopped at the epoch's end
+    assert len(set(pids)) == 3
+
+
 def test_missing_counts_array(tmp_path, tiny_store):
     import shutil
     copy = tmp_path / "copy"

@@ -4,6 +4,7 @@ with frozen layers, dynamic sampling weights and triplet tracking."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +455,43 @@ def test_triplet_log_gathers_ranks_and_drops_study_columns(tmp_path):
     frame = read_triplets(triplet_file(tmp_path / "b", 8))
     assert list(frame.columns) == ["anchor_label", "positive_label", "negative_label"]
     assert frame.values.tolist() == [["y", "y", "x"]]
+
+
+# --------------------------------------------------------------------------- bin/train.py
+
+
+@pytest.mark.slow
+def test_train_script_with_every_feature_on_two_processes(tiny_store, tmp_path):
+    """From the command line, under DDP (two gloo processes): fine-tune with frozen layers,
+    dynamic weights, the first-layer L1 and triplet tracking, whose files hold both ranks'
+    triplets (rank 0's draws and mining are a one-process run's, so its rows come first)."""
+    from tests.conftest import NAME, small_run_flags
+    from tests.test_train import run_script
+
+    genes = [str(g) for g in CellArrStore(tiny_store).gene_symbols]
+    folder = scimilarity_folder(tmp_path / "release", genes[::-1])
+    features = ["--init_from", str(folder), "--freeze", "1", "--l1_layer", "first",
+                "--dynamic_weights", "1", "--dynamic_weight_decay", "0.5",
+                "-e", "1", "-n", "2"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", "29519"]
+    files = {}
+    for processes, run in ((1, None), (2, launcher)):
+        out = tmp_path / f"p{processes}"
+        run_script(small_run_flags(tiny_store, out) + features + [
+            "--track_triplets", str(out / "triplets")], launcher=run, timeout=600)
+        assert sorted(p.name for p in (out / "triplets").iterdir()) == [
+            "train_triplets.0.csv.gz", "train_triplets.1.csv.gz"]
+        # Step 0: the ranks' weights are still the same (later, gradients are averaged).
+        files[processes] = read_triplets(triplet_file(out / "triplets", 0))
+        model = read_model_folder(out / "models" / NAME)
+        assert model.gene_order == genes[::-1]
+        assert torch.equal(model.encoder_state["network.0.2.running_mean"],
+                           read_model_folder(folder).encoder_state["network.0.2.running_mean"])
+        hyper = model.hyperparameters
+        assert (hyper["freeze"], hyper["dynamic_weights"], hyper["l1_layer"]) == (
+            True, True, "first")
+    one, two = files[1], files[2]
+    assert tuple(two.columns) == COLUMNS and len(two) > len(one)
+    assert two.iloc[:len(one)].equals(one)

@@ -358,7 +358,7 @@ def hyperparameters(config: TrainingConfig) -> dict[str, Any]:
         "perturb_labels_fraction": config.perturb_fraction, "lr": config.lr,
         "l1_lambda": config.l1, "l2_lambda": config.l2, "batch_size": config.batch_size,
         "max_epochs": config.max_epochs,
-        # scimtrain's (SPEC §9): which Linear the L1 penalty was on, and how training began
+        # scimtrain's (docs/scimilarity.md §9): the L1 penalty's Linear; how training began
         "l1_layer": config.l1_layer, "init_from": config.init_from,
         "freeze": bool(config.freeze), "dynamic_weights": bool(config.dynamic_weights),
         "dynamic_weight_decay": config.dynamic_weight_decay,

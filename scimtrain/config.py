@@ -141,7 +141,7 @@ class TrainingConfig:
     log_folder: str = _opt("logs", group="output")
     no_progress: bool = _opt(False, "no progress bar", group="output")
     debug: bool = _opt(False, "show tracebacks for errors in the input", group="output")
-    # SCimilarity's optional training features (SPEC §9, issue 14)
+    # SCimilarity's optional training features (docs/scimilarity.md §9, issue 14)
     l1_layer: str = _opt(
         "last", "encoder Linear the L1 penalty applies to: last (the bottleneck, what "
         "SCimilarity's code penalises) or first (gene-level sparsity)",

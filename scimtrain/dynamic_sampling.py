@@ -1,4 +1,5 @@
-"""Dynamic sampling weights (SPEC §9, ``--dynamic_weights 1``): drawn cells get rarer.
+"""Dynamic sampling weights (``--dynamic_weights 1``, docs/scimilarity.md §9): drawn cells
+get rarer.
 
 After each batch the weights of the cells just drawn are multiplied by ``decay`` and floored
 at ``floor`` (element-wise: ``w <- max(w * decay, floor)``), and the next batch is drawn from

@@ -1,5 +1,5 @@
-"""Fine-tuning (SPEC §9, ``--init_from MODEL_FOLDER --freeze 1``): start from a trained model
-and, optionally, train only the encoder's bottleneck (and the decoder).
+"""Fine-tuning (``--init_from MODEL_FOLDER --freeze 1``, docs/scimilarity.md §9): start from a
+trained model and, optionally, train only the encoder's bottleneck (and the decoder).
 
 :func:`load_pretrained` copies a model folder's encoder and decoder (scimtrain's or one of
 SCimilarity's releases, read by :func:`~scimtrain.model_folder.read_model_folder`) into a model
@@ -7,7 +7,8 @@ whose genes may differ from the folder's: the gene-facing weights (the encoder's
 columns, the decoder's last Linear's rows) are matched by gene symbol, and a gene the folder
 lacks starts at zero (it adds nothing to the first layer, as a zero-filled input column would
 in SCimilarity's inference). :func:`freeze_encoder` freezes what SCimilarity's
-``load_state(freeze=True)`` means to freeze (its loops find nothing to freeze, SPEC §9).
+``load_state(freeze=True)`` means to freeze (its loops find nothing to freeze,
+docs/scimilarity.md §9).
 
 Frozen BatchNorm: a frozen BatchNorm layer is put in eval mode for good (its class becomes
 :class:`FrozenBatchNorm1d`, whose ``train()`` keeps it in eval mode, so the Trainer's

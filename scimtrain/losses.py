@@ -1,5 +1,5 @@
-"""The training losses (SPEC §5) on plain tensors: triplet, MSE, their mix, L1, and the
-label perturbation SCimilarity applies before mining.
+"""The training losses (docs/scimilarity.md §5) on plain tensors: triplet, MSE, their mix, L1,
+and the label perturbation SCimilarity applies before mining.
 
 Mining itself lives in ``scimtrain.mining``; ``mine_triplets`` and ``squared_distances`` are
 re-exported here.
@@ -45,7 +45,7 @@ def perturb_labels(
     fraction: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """SCimilarity's label coarse-graining before mining (SPEC §5, off by default).
+    """SCimilarity's label coarse-graining before mining (docs/scimilarity.md §5, off by default).
 
     ``int(B * fraction)`` cells are drawn with replacement; each draw replaces the cell's
     current label with a uniformly random direct ontology parent that is among the batch's
@@ -152,7 +152,7 @@ L1_LAYERS = ("last", "first")
 
 
 def l1_layer(encoder: nn.Module, layer: str = "last") -> nn.Linear:
-    """The encoder ``nn.Linear`` that the L1 penalty applies to (SPEC §5).
+    """The encoder ``nn.Linear`` that the L1 penalty applies to (docs/scimilarity.md §5).
 
     ``"last"``: the bottleneck Linear, which SCimilarity's code penalises (its loop over
     ``encoder.network`` finds no other top-level Linear) and its released models were trained
@@ -168,7 +168,7 @@ def l1_layer(encoder: nn.Module, layer: str = "last") -> nn.Linear:
 
 
 def l1_penalty(encoder: nn.Module, l1: float, lr: float, layer: str = "last") -> torch.Tensor:
-    """``l1 * lr * (sum|W| + sum|b|)`` of one encoder ``nn.Linear`` (SPEC §5).
+    """``l1 * lr * (sum|W| + sum|b|)`` of one encoder ``nn.Linear`` (docs/scimilarity.md §5).
 
     ``layer`` picks it (see :func:`l1_layer`): ``"last"`` (default, SCimilarity's behaviour)
     or ``"first"``. ``lr`` is the scheduler's current learning rate. Returns a 0-d tensor on
@@ -196,7 +196,7 @@ class MinedTriplets(NamedTuple):
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss settings, SCimilarity's defaults (SPEC §5, §8)."""
+    """Loss settings, SCimilarity's defaults (docs/scimilarity.md §5, §8)."""
 
     margin: float = 0.05
     triplet_loss_weight: float = 0.001
@@ -235,13 +235,14 @@ def compute_loss(
     return_triplets: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | tuple[
         torch.Tensor, dict[str, torch.Tensor], MinedTriplets]:
-    """One step's loss and its SPEC §6 metrics.
+    """One step's loss and its docs/scimilarity.md §6 metrics.
 
     Args:
         embedding, reconstruction: the model's outputs for input ``x`` (B×d, B×genes).
         labels: B int label positions into ``descendant`` (and ``parent``).
         studies: B int study ids; ignored when ``config.sample_across_studies`` is False.
-            Pass None for validation/test passes (SPEC §6: no cross-study rule there).
+            Pass None for validation/test passes (docs/scimilarity.md §6: no cross-study
+            rule there).
         descendant: L×L bool, ``[i, j]`` True when j is a strict descendant of i. Convert it
             to a tensor on the model's device once, outside the loop.
         config: margin, weight, selection, perturbation settings.

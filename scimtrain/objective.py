@@ -2,11 +2,11 @@
 
 ``MetricLearningObjective(descendant, loss_config, l1)`` is called by the Trainer as
 ``step_fn(model, batch, ctx)`` with a :class:`~scimtrain.stream.Batch`: it runs the
-encoder/decoder, mines triplets and mixes the triplet and reconstruction losses (SPEC §5),
-adds the L1 penalty in training steps, and in validation/test steps also the ontology-aware
-ASW, nmse and evaluation metric (SPEC §6), mined without the cross-study rule. The triplets a
-training step's loss used are kept as ``last_triplets`` and, with a
-:class:`~scimtrain.triplet_log.TripletLog`, written to files (SPEC §9).
+encoder/decoder, mines triplets and mixes the triplet and reconstruction losses
+(docs/scimilarity.md §5), adds the L1 penalty in training steps, and in validation/test steps
+also the ontology-aware ASW, nmse and evaluation metric (§6), mined without the cross-study
+rule. The triplets a training step's loss used are kept as ``last_triplets`` and, with a
+:class:`~scimtrain.triplet_log.TripletLog`, written to files (§9).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class MetricLearningObjective:
         self.descendant = torch.as_tensor(np.asarray(descendant, dtype=bool))
         self.parent = None if parent is None else torch.as_tensor(np.asarray(parent, dtype=bool))
         self.loss_config = loss_config
-        # SPEC §6: validation and test mine without the cross-study rule (and unperturbed).
+        # docs/scimilarity.md §6: validation and test mine without the cross-study rule (and
+        # unperturbed).
         self.eval_config = replace(loss_config, sample_across_studies=False,
                                    perturb_labels=False)
         self.l1 = l1

@@ -1,5 +1,5 @@
-"""Triplet tracking (SPEC §9, ``--track_triplets DIR``): each training step's mined triplets
-as ``DIR/train_triplets.{step}.csv.gz``.
+"""Triplet tracking (``--track_triplets DIR``, docs/scimilarity.md §9): each training step's
+mined triplets as ``DIR/train_triplets.{step}.csv.gz``.
 
 Columns are SCimilarity's: ``anchor_label, anchor_studies, positive_label, positive_studies,
 negative_label, negative_studies`` (label names; study names), the study columns only when the

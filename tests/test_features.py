@@ -1,5 +1,5 @@
-"""SCimilarity's optional training features (SPEC §9, issue 14): the L1 layer, fine-tuning
-with frozen layers, dynamic sampling weights and triplet tracking."""
+"""SCimilarity's optional training features (docs/scimilarity.md §9, issue 14): the L1 layer,
+fine-tuning with frozen layers, dynamic sampling weights and triplet tracking."""
 
 from __future__ import annotations
 

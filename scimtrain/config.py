@@ -157,7 +157,9 @@ class TrainingConfig:
         0, "1: after each batch the drawn cells' sampling weights are multiplied by "
         "--dynamic_weight_decay (floor 0.01), per rank", group="optional features",
         choices=(0, 1))
-    dynamic_weight_decay: float = _opt(0.5, group="optional features", at_least=0, at_most=1)
+    dynamic_weight_decay: float = _opt(
+        0.5, "factor on a drawn cell's sampling weight (with --dynamic_weights 1)",
+        group="optional features", at_least=0, at_most=1)
     track_triplets: str | None = _opt(
         None, "write each training step's mined triplets to DIR/train_triplets.{step}.csv.gz",
         group="optional features", metavar="DIR")

@@ -3,11 +3,12 @@
 
     python benchmarks/train_step.py --store PATH [--steps 12] [--batch-size 1000]
         [--workers 2] [--device cpu|cuda] [--sparse-batches] [--cpu-miner compiled|torch]
+        [--cache auto|off]
 
-Runs scimtrain's own loop (Trainer + MetricLearningObjective + CellStream, SCimilarity's
-default model) for one epoch of ``--steps`` steps, reads the step-time breakdown back from the
-TensorBoard log it writes, and prints a table of seconds per step and shares of the step
-time (the first step, which starts the loader workers, is reported apart).
+Builds the run as ``bin/train.py`` does (``build_training``: SCimilarity's default model,
+filter and objective), runs its loop for one epoch of ``--steps`` steps, reads the step-time
+breakdown back from the TensorBoard log it writes, and prints a table of seconds per step and
+shares of the step time (the first step, which starts the loader workers, is reported apart).
 """
 
 from __future__ import annotations
@@ -21,15 +22,10 @@ import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from scimtrain.losses import LossConfig
+from scimtrain.build import build_training
+from scimtrain.config import TrainingConfig
 from scimtrain.mining.dispatch import CPU_MINER_ENV, CPU_MINERS
-from scimtrain.model import EncoderDecoder
-from scimtrain.objective import MetricLearningObjective
-from scimtrain.ontology import CellOntology
-from scimtrain.selection import SelectionConfig, select_cells
-from scimtrain.store import CellArrStore
-from scimtrain.stream import CellStream, CellTable, StreamConfig
-from scimtrain.trainer import Trainer, TrainerConfig, make_accelerator
+from scimtrain.stream import StreamConfig
 
 SECTIONS = ("data_wait", "forward", "mining", "backward")
 
@@ -46,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sparse-batches", action="store_true",
                         help="move batches as CSR and densify on the device")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--cache", default="auto", choices=["auto", "off"],
+                        help="auto: batches from the training cache (built first, untimed); "
+                             "off: streamed from TileDB")
     parser.add_argument("--cpu-miner", choices=CPU_MINERS, default=None,
                         help=f"on the CPU: the compiled miner or the torch path CUDA runs "
                              f"(sets {CPU_MINER_ENV}; default: compiled)")
@@ -53,33 +52,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu_miner:
         os.environ[CPU_MINER_ENV] = args.cpu_miner
 
-    store = CellArrStore(args.store)
-    selection = select_cells(store, SelectionConfig())
-    descendant = CellOntology.default().descendant_matrix(selection.label_ids)
     cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
-    accelerator = make_accelerator(args.mixed_precision, cpu=cpu)
-    stream = CellStream(store, CellTable.from_frame(selection.train), selection.gene_indices,
-                        StreamConfig(batch_size=args.batch_size, n_batches=args.steps,
-                                     num_workers=args.workers,
-                                     output="csr" if args.sparse_batches else "dense"))
-    torch.manual_seed(0)
-    model = EncoderDecoder(len(selection.gene_order))
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(model, MetricLearningObjective(descendant, LossConfig()), stream,
-                          config=TrainerConfig(max_epochs=1, run_dir=run_dir, progress=False,
-                                               mixed_precision=args.mixed_precision),
-                          accelerator=accelerator)
+    with tempfile.TemporaryDirectory() as out:
+        # Built as bin/train.py builds a run: SCimilarity's model, filter and objective.
+        run = build_training(TrainingConfig(
+            tiledb=args.store, batch_size=args.batch_size, n_batches=args.steps, max_epochs=1,
+            num_workers=args.workers, sparse_batches=args.sparse_batches,
+            mixed_precision=args.mixed_precision, cpu=cpu, cache=args.cache, no_progress=True,
+            model_folder=f"{out}/models", result_folder=f"{out}/results",
+            log_folder=f"{out}/logs"))
+        selection, accelerator = run.selection, run.accelerator
         started = time.perf_counter()
-        trainer.fit()
+        run.trainer.fit()
         wall = time.perf_counter() - started
-        events = EventAccumulator(run_dir)
+        events = EventAccumulator(str(run.run_dir))
         events.Reload()
         series = {name: np.array([e.value for e in events.Scalars(f"time/{name}")])
                   for name in (*SECTIONS, "step")}
         cells = np.array([e.value for e in events.Scalars("train/cells_per_s")])
 
     print(f"store {args.store}: {len(selection.gene_order):,} genes, batch {args.batch_size}, "
-          f"{args.workers} workers, device {accelerator.device}, {os.cpu_count()} cores, "
+          f"{args.workers} workers, cache {args.cache}, device {accelerator.device}, "
+          f"{os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, cpu miner "
           f"{os.environ.get(CPU_MINER_ENV, 'compiled')}, {args.steps} steps in {wall:.1f} s")
     print("\n| section | first step s | later steps s (mean) | share of step |")

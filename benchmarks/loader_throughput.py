@@ -194,6 +194,10 @@ class StreamRun:
             if first_at is None:
                 first_at, first_cells = time.perf_counter(), cells
         end = time.perf_counter()
+        # Outside the timing: the stream's workers outlive the epoch (they run on into the
+        # next one) until closed, and a stream dropped unclosed delays the next one's start.
+        if hasattr(stream, "close"):
+            stream.close()
         self.cells_per_s = cells / (end - start)
         self.first_batch_s = (first_at or end) - start
         rest = end - (first_at or end)

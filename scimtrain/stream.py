@@ -297,8 +297,9 @@ class CellStream(IterableDataset):
         # TileDB objects waiting in reference cycles are freed here, in their own process:
         # a forked worker's garbage collector freeing them would segfault.
         gc.collect()
+        feed = _Feed(self)
         iterator = iter(DataLoader(
-            self, batch_size=None, num_workers=self.config.num_workers,
+            feed, batch_size=None, num_workers=self.config.num_workers,
             multiprocessing_context=self.config.multiprocessing_context,
             # Finished batches waiting per worker: dense ones are large (B x G float32).
             pin_memory=self.config.pin_memory, prefetch_factor=2,
@@ -308,6 +309,7 @@ class CellStream(IterableDataset):
             # does once more) must not shift the training's random stream.
             generator=torch.Generator().manual_seed(
                 hash((self.config.seed, self.epoch, self.rank)) & (2**63 - 1))))
+        feed.stream = None  # every worker has its copy now (forked or pickled at its start)
         self._workers = _Workers(iterator, flags, start, self._source())
         _LIVE.add(self)
         return self._workers
@@ -474,6 +476,23 @@ _OWN_WORKER = False
 # Streams with live workers, stopped at exit before torch's and multiprocessing's own exit
 # handlers run (registered after them, so run before them).
 _LIVE: weakref.WeakSet | None = weakref.WeakSet()
+
+
+class _Feed(IterableDataset):
+    """What a stream's own DataLoader iterates: the stream, in each worker.
+
+    The starting process drops its reference once the workers have their copies, so that
+    stream -> workers -> DataLoader iterator does not lead back to the stream: in such a cycle
+    a dropped stream would be left to the garbage collector, which finalizes the DataLoader's
+    queues before the stream, so its workers never hear "stop" and are killed after timeouts.
+    """
+
+    def __init__(self, stream: CellStream) -> None:
+        super().__init__()
+        self.stream: CellStream | None = stream
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.stream)
 
 
 class _Workers:

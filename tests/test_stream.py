@@ -333,6 +333,15 @@ def test_a_left_epoch_continues_on_the_same_workers_or_restarts_for_another(tiny
     stream.close()
 
 
+def test_a_dropped_stream_stops_its_workers_at_once(tiny_store, tiny_selection):
+    stream = make_stream(tiny_store, tiny_selection, num_workers=2)
+    list(stream)
+    running = list(stream._workers.iterator._workers)
+    assert running and all(p.is_alive() for p in running)
+    del stream  # no close(): nothing but this name held the stream
+    assert not any(p.is_alive() for p in running)
+
+
 def test_an_older_iteration_stops_when_a_newer_one_takes_the_workers(tiny_store,
                                                                     tiny_selection):
     reference, _ = epochs_of(make_stream(tiny_store, tiny_selection), range(1))

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scimtrain.atomic import remove, temporary_sibling
+from scimtrain.atomic import written_aside
 from scimtrain.losses import MinedTriplets
 
 COLUMNS = ("anchor_label", "anchor_studies", "positive_label", "positive_studies",
@@ -145,10 +145,5 @@ class TripletLog:
         frame = pd.DataFrame({
             name: (self.study_names if name.endswith("_studies") else self.label_names)[
                 rows[:, j]] for j, name in enumerate(names)})
-        final = triplet_file(self.folder, step)
-        tmp = temporary_sibling(final)
-        try:
+        with written_aside(triplet_file(self.folder, step), replace=True) as tmp:
             frame.to_csv(tmp, index=False, compression="gzip")
-            os.replace(tmp, final)
-        finally:
-            remove(tmp)

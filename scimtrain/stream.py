@@ -54,6 +54,7 @@ import copy
 import gc
 import multiprocessing
 import os
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
@@ -553,6 +554,19 @@ def _worker_init(_: int) -> None:
     global _OWN_WORKER
     _OWN_WORKER = True
     protect_inherited_objects()
+    sys.excepthook = _quiet_when_the_consumer_left(sys.excepthook)
+
+
+def _quiet_when_the_consumer_left(hook):
+    """A worker's error hook that says nothing when the training process went away mid-handover
+    (Ctrl-C): multiprocessing's fd-sharing thread reports that through ``sys.excepthook``, which
+    would print a traceback after the one-line message the user got."""
+
+    def hook_(kind, value, traceback):
+        if not issubclass(kind, (ConnectionResetError, BrokenPipeError, EOFError)):
+            hook(kind, value, traceback)
+
+    return hook_
 
 
 def _place(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -36,8 +36,11 @@ def flags(store: str, out: Path, *extra: str, epochs: int = 3) -> list[str]:
 
 
 def start(args: list[str]) -> subprocess.Popen:
+    """A run in the foreground: Ctrl-C (SIGINT) acts even when the tests themselves were
+    started in the background, whose SIGINT is ignored and would be inherited."""
     return subprocess.Popen([sys.executable, TRAIN, *args], env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

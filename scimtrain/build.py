@@ -216,7 +216,7 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
         print(selection.summary())
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = stream_config(config)
-    cache = training_cache(config, store, selection, accelerator)
+    cache = training_cache(config, store, selection, accelerator, stream.target_sum)
     # Cache rows are the training cells, then the validation cells.
     on_train = {"cache": cache, "cache_offset": 0}
     on_val = {"cache": cache, "cache_offset": len(selection.train)}
@@ -276,12 +276,13 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
 
 
 def training_cache(config: TrainingConfig, store: CellArrStore, selection: Selection,
-                   accelerator: Accelerator) -> TrainingCache | None:
+                   accelerator: Accelerator, target_sum: float) -> TrainingCache | None:
     """The run's training cache (``config.cache == "auto"``), or None to stream from TileDB.
 
     One process per node builds it (the others wait, then map the same files); a cache that
     cannot be made (disk space, permissions) is reported in one line and the run streams
-    from TileDB, whose batches are the same bit for bit.
+    from TileDB, whose batches are the same bit for bit. ``target_sum`` is the streams'
+    normalisation, which the cache's values are stored with.
     """
     if config.cache == "off":
         return None
@@ -294,7 +295,7 @@ def training_cache(config: TrainingConfig, store: CellArrStore, selection: Selec
         try:
             return TrainingCache.ensure(
                 store, cells, selection.gene_indices, config.cache_dir,
-                target_sum=stream_config(config).target_sum,
+                target_sum=target_sum,
                 progress=local_main and not config.no_progress,
                 announce=print if local_main else (lambda _: None))
         except CacheError as exc:

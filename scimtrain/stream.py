@@ -244,14 +244,15 @@ class CellStream(IterableDataset):
             return ()
         return tuple(p.pid for p in getattr(workers.iterator, "_workers", []))
 
-    def close(self) -> None:
+    def close(self, drain: bool = True) -> None:
         """Stop this stream's loader workers, if any run; the next iteration starts fresh
-        ones. Safe to call more than once."""
+        ones. Safe to call more than once. ``drain=False`` stops them without first receiving
+        the batches they are sending (see :meth:`_Workers.close`)."""
         workers, self._workers = self.__dict__.get("_workers"), None
         if _LIVE is not None:
             _LIVE.discard(self)
         if workers is not None:
-            workers.close()
+            workers.close(drain)
 
     def __del__(self) -> None:
         try:
@@ -360,8 +361,14 @@ class CellStream(IterableDataset):
                 return  # a later iteration took these workers over, or they were closed
             try:
                 batch = next(workers.iterator)
+            except Exception:
+                self.close()  # a worker failed: start afresh
+                raise
             except BaseException:
-                self.close()  # a worker failed or the fetch was interrupted: start afresh
+                # Interrupted (Ctrl-C) mid-fetch, perhaps mid-handshake with a worker's
+                # fd-sharing thread, which then waits on that connection for good: receiving
+                # more batches from it would hang, so stop the workers as they are.
+                self.close(drain=False)
                 raise
             workers.next += 1
             if workers.flags is not None:
@@ -511,15 +518,17 @@ class _Workers:
         self.owner: object | None = None
         self.pid = os.getpid()
 
-    def close(self) -> None:
-        """Stop the workers (in the process that started them only). A worker that fails
-        while stopping costs nothing handed out: it is reported as a warning, not raised."""
+    def close(self, drain: bool = True) -> None:
+        """Stop the workers (in the process that started them only), after receiving the
+        batches they were asked for when ``drain``. A worker that fails while stopping costs
+        nothing handed out: it is reported as a warning, not raised."""
         shutdown = getattr(self.iterator, "_shutdown_workers", None)
         if self.pid != os.getpid() or shutdown is None:
             return
         try:
             try:
-                _collect_outstanding(self.iterator)
+                if drain:
+                    _collect_outstanding(self.iterator)
             finally:
                 shutdown()
         except RuntimeError as exc:  # torch's report of a worker that died while stopping

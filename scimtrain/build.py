@@ -27,7 +27,7 @@ from scimtrain import __version__, determinism
 from scimtrain.cache import CacheError, TrainingCache
 from scimtrain.checkpoint import BEST_WEIGHTS, load_file
 from scimtrain.columns import LABEL_INT, WEIGHT
-from scimtrain.config import ConfigError, TrainingConfig
+from scimtrain.config import FIELDS, ConfigError, TrainingConfig
 from scimtrain.dynamic_sampling import DynamicCellStream
 from scimtrain.finetune import (
     check_architecture,
@@ -41,6 +41,7 @@ from scimtrain.model_folder import read_model_folder, write_model_folder
 from scimtrain.objective import MetricLearningObjective
 from scimtrain.ontology import CellOntology
 from scimtrain.selection import Selection, SelectionConfig, select_cells
+from scimtrain.source import CellSource
 from scimtrain.store import CellArrStore
 from scimtrain.stream import CellStream, CellTable, StreamConfig
 from scimtrain.trainer import Trainer, TrainerConfig, make_accelerator
@@ -62,7 +63,7 @@ class TrainingRun:
 
     config: TrainingConfig
     accelerator: Accelerator
-    store: CellArrStore
+    store: CellSource
     ontology: CellOntology
     selection: Selection
     model: EncoderDecoder
@@ -183,21 +184,18 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
     Args:
         config: the run's settings.
         accelerator: default :func:`~scimtrain.trainer.make_accelerator` (``config.cpu``).
-        store_uri: the store to use when ``config.tiledb`` is None (the CLI passes the demo
-            store); one of the two is needed.
+        store_uri: the CellArr store to use when the config names no data (``tiledb``,
+            ``soma``, ``census``); the CLI passes the demo store.
 
     Raises:
         StoreError, SelectionError, SamplingError, OutputError: bad input, with the fix.
     """
-    uri = config.tiledb or store_uri
-    if uri is None:
-        raise ValueError("config.tiledb is not set: name a store (or use bin/train.py, which "
-                         "builds the demo store)")
+    store = open_source(config, store_uri)
+    config = with_source_defaults(config, store)
     if config.deterministic:  # before any CUDA work: cuBLAS reads its setting once
         determinism.configure(True)
     accelerator = accelerator or make_accelerator(config.mixed_precision,
                                                   cpu=True if config.cpu else None)
-    store = CellArrStore(uri, counts=config.counts_location)
     if accelerator.is_main_process:
         check_output_folders(config)
     ontology = CellOntology.from_spec(config.ontology)
@@ -275,13 +273,44 @@ def build_training(config: TrainingConfig, *, accelerator: Accelerator | None = 
                        train_data=train, val_data=val, test_data=test, trainer=trainer)
 
 
-def training_cache(config: TrainingConfig, store: CellArrStore, selection: Selection,
+def open_source(config: TrainingConfig, store_uri: str | None = None) -> CellSource:
+    """The data ``config`` names: a Census release, a SOMA experiment, or a CellArr store
+    (``config.tiledb``, else ``store_uri``).
+
+    Raises:
+        ValueError: the config names no data and no ``store_uri`` is given.
+        StoreError: the source cannot be opened (the message says why and what to pass).
+    """
+    options = {"gene_column": config.gene_column} if config.gene_column else {}
+    if config.soma or config.census:
+        from scimtrain.soma import SomaSource, census_source
+
+        options.update(measurement=config.soma_measurement, layer=config.soma_layer)
+        if config.census:
+            return census_source(config.census, config.census_organism, **options)
+        return SomaSource(config.soma, **options)
+    uri = config.tiledb or store_uri
+    if uri is None:
+        raise ValueError("the config names no data: set tiledb, soma or census (bin/train.py "
+                         "builds a demo store when none is given)")
+    return CellArrStore(uri, counts=config.counts_location, **options)
+
+
+def with_source_defaults(config: TrainingConfig, source: CellSource) -> TrainingConfig:
+    """``config`` with the column fields it leaves ``None`` set to the source's defaults."""
+    unset = {name: value for name, value in source.columns_default.items()
+             if name in FIELDS and getattr(config, name) is None}
+    return config.replace(**unset) if unset else config
+
+
+def training_cache(config: TrainingConfig, store: CellSource, selection: Selection,
                    accelerator: Accelerator, target_sum: float) -> TrainingCache | None:
-    """The run's training cache (``config.cache == "auto"``), or None to stream from TileDB.
+    """The run's training cache (``config.cache == "auto"``), or None to stream from the source.
 
     One process per node builds it (the others wait, then map the same files); a cache that
     cannot be made (disk space, permissions) is reported in one line and the run streams
-    from TileDB, whose batches are the same bit for bit. ``target_sum`` is the streams'
+    from the source (slowly: a SOMA experiment is read cell by cell), whose batches are the
+    same bit for bit. ``target_sum`` is the streams'
     normalisation, which the cache's values are stored with.
     """
     if config.cache == "off":
@@ -300,8 +329,8 @@ def training_cache(config: TrainingConfig, store: CellArrStore, selection: Selec
                 announce=print if local_main else (lambda _: None))
         except CacheError as exc:
             if local_main:
-                print(f"training cache: {exc}; streaming from TileDB instead (--cache off "
-                      "silences this)")
+                print(f"training cache: {exc}; streaming from {store.uri} instead (--cache "
+                      "off silences this)")
             return None
 
 
@@ -366,7 +395,7 @@ def hyperparameters(config: TrainingConfig) -> dict[str, Any]:
     }
 
 
-def data_signature(config: TrainingConfig, store: CellArrStore,
+def data_signature(config: TrainingConfig, store: CellSource,
                    selection: Selection) -> dict[str, Any]:
     """What decides the data a run trains on; a resumed run must match it exactly.
 
@@ -383,6 +412,8 @@ def data_signature(config: TrainingConfig, store: CellArrStore,
             "filter_condition", "val_studies", "val_studies_file", "val_min_studies",
             "exclude_studies", "exclude_studies_file", "exclude_samples_file", "ontology",
             "gene_order", "batch_size", "n_batches", "val_batches", "seed")
+    if store.kind == "soma":  # which counts (a SOMA source's only; earlier runs lack them)
+        keys += ("soma_measurement", "soma_layer")
     return {"store": store.uri, **{k: getattr(config, k) for k in keys},
             "n_genes": len(selection.gene_order), "n_labels": selection.n_labels,
             "selection_sha256": digest.hexdigest()}

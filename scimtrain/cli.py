@@ -22,7 +22,7 @@ from scimtrain.atomic import temporary_sibling, written_aside
 from scimtrain.build import OutputError, build_training, test_file
 from scimtrain.cache import CacheError
 from scimtrain.checkpoint import CheckpointError
-from scimtrain.config import ConfigError, TrainingConfig, parse_args
+from scimtrain.config import SOURCES, ConfigError, TrainingConfig, parse_args
 from scimtrain.h5ad import IngestError
 from scimtrain.model_folder import ModelFolderError
 from scimtrain.ontology import OntologyFileError, UnknownTermError
@@ -88,8 +88,10 @@ def run(config: TrainingConfig) -> dict[str, float] | None:
               "change --suffix to train again)")
         return None
     accelerator = make_accelerator(config.mixed_precision, cpu=True if config.cpu else None)
-    with accelerator.main_process_first():  # the main process builds the demo store once
-        store_uri = config.tiledb or demo_store()
+    store_uri = None
+    if not any(getattr(config, name) for name in SOURCES):
+        with accelerator.main_process_first():  # the main process builds the demo store once
+            store_uri = demo_store()
     return build_training(config, accelerator=accelerator, store_uri=store_uri).fit()
 
 

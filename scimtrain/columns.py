@@ -20,6 +20,12 @@ MISSING_LABEL = "nan"  # how SCimilarity's stores spell a missing label
 GENE_SYMBOL_COLUMN = "cellarr_gene_index"  # gene_annotation
 CELLARR_SAMPLE_COLUMN = "cellarr_sample"  # the cellarr package's sample key
 
+# The CELLxGENE Census schema's names for the same things: a SOMA source's defaults (keys:
+# bin/train.py's flags). The disease column is "disease" in both.
+CENSUS_COLUMNS = {"label_id_column": "cell_type_ontology_term_id", "study_column": "dataset_id",
+                  "sample_column": "donor_id", "gene_column": "feature_name"}
+CENSUS_UNLABELLED = "unknown"  # the Census's label of cells without a cell type
+
 # --------------------------------------------------------------------------- selection tables
 LABEL_ID, LABEL_NAME = "label_id", "label_name"
 STUDY, SAMPLE = "study", "sample"

@@ -150,6 +150,34 @@ def _number(value: object, column: str) -> float:
             "compare the column with text (quoted)") from None
 
 
+def scimilarity_clauses(label_column: str, *, missing_label: str = "nan",
+                        total_counts: str = "total_counts",
+                        genes_detected: str = "n_genes_by_counts",
+                        mito_share: str = "pct_counts_mt",
+                        doublets: str = "predicted_doublets") -> list[str]:
+    """The clauses of SCimilarity's default cell filter (docs/scimilarity.md §2.1) in a
+    source's column names: labelled, > 1,000 counts, > 500 genes, < 20 % mitochondrial, no
+    doublet, and not CL:0009010."""
+    return [f"{label_column}!='{missing_label}'", f"{total_counts}>1000",
+            f"{genes_detected}>500", f"{mito_share}<20", f"{doublets}==0",
+            f"{label_column}!='CL:0009010'"]
+
+
+def scimilarity_filter(label_column: str) -> str:
+    """SCimilarity's default cell filter on ``label_column``, as one condition."""
+    return " and ".join(scimilarity_clauses(label_column))
+
+
+def clause_columns(clause: str) -> tuple[str, ...]:
+    """The columns one condition (or clause) reads; raises :class:`ConditionError` when it
+    is not a form read here."""
+    try:
+        tree = ast.parse(clause.strip(), mode="eval").body
+    except SyntaxError as exc:
+        raise ConditionError(f"cannot parse {clause!r}: {exc.msg}") from None
+    return _columns(tree)
+
+
 def split_clauses(condition: str) -> list[str]:
     """The top-level ``and`` clauses of a condition, as condition strings (e.g. to count
     what each clause keeps when the whole condition keeps nothing)."""

@@ -18,7 +18,13 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from scimtrain.columns import LABEL_COLUMN, SAMPLE_COLUMN, STUDY_COLUMN
+from scimtrain.columns import (
+    CENSUS_COLUMNS,
+    GENE_SYMBOL_COLUMN,
+    LABEL_COLUMN,
+    SAMPLE_COLUMN,
+    STUDY_COLUMN,
+)
 
 
 class ConfigError(ValueError):
@@ -42,19 +48,41 @@ def _opt(default: Any, help: str = "", *, group: str = "training", short: str | 
 class TrainingConfig:
     """Everything a training run needs to know; see ``bin/train.py --help`` for each field.
 
-    ``tiledb=None`` trains on the built-in synthetic demo store (with :data:`DEMO_DEFAULTS`
-    applied by the command line). Construct it directly from Python, from a mapping
-    (:meth:`from_mapping`), or from a file (:meth:`from_file`); every value is checked.
+    The data is one of ``tiledb`` (a CellArr store), ``soma`` (a SOMA experiment) or
+    ``census`` (a CELLxGENE Census release); with none, the built-in synthetic demo store (with
+    :data:`DEMO_DEFAULTS` applied by the command line). Column fields left ``None`` take the
+    source's defaults (SCimilarity's names for a CellArr store, the Census's for SOMA).
+    Construct it directly from Python, from a mapping (:meth:`from_mapping`), or from a file
+    (:meth:`from_file`); every value is checked.
     """
 
     # data
-    tiledb: str | None = _opt(None, "store folder or TileDB URI (default: the demo store)",
-                              group="data", metavar="STORE")
+    tiledb: str | None = _opt(None, "CellArr store folder or TileDB URI (default without "
+                              "--soma/--census: the demo store)", group="data", metavar="STORE")
+    soma: str | None = _opt(None, "SOMA experiment folder or URI (s3://...) instead of --tiledb",
+                            group="data", metavar="EXPERIMENT")
+    census: str | None = _opt(
+        None, "CELLxGENE Census release (e.g. 2025-01-30 or stable) instead of --tiledb; needs "
+        "network access and the soma extra", group="data", metavar="VERSION")
+    census_organism: str = _opt("homo_sapiens", "the Census experiment (with --census)",
+                                group="data")
+    soma_measurement: str = _opt("RNA", "measurement holding genes and counts (SOMA)",
+                                 group="data")
+    soma_layer: str = _opt("raw", "X layer of raw counts (SOMA)", group="data")
     counts_location: str | None = _opt(
         None, "counts array under the store (default: counts or assays/counts)", group="data")
-    label_id_column: str = _opt(LABEL_COLUMN, group="data")
-    study_column: str = _opt(STUDY_COLUMN, group="data")
-    sample_column: str = _opt(SAMPLE_COLUMN, group="data")
+    label_id_column: str | None = _opt(
+        None, f"cell label column (default: {LABEL_COLUMN}; SOMA: "
+        f"{CENSUS_COLUMNS['label_id_column']})", group="data")
+    study_column: str | None = _opt(
+        None, f"study column (default: {STUDY_COLUMN}; SOMA: {CENSUS_COLUMNS['study_column']})",
+        group="data")
+    sample_column: str | None = _opt(
+        None, f"sample column (default: {SAMPLE_COLUMN}; SOMA: "
+        f"{CENSUS_COLUMNS['sample_column']})", group="data")
+    gene_column: str | None = _opt(
+        None, f"gene symbol column of the gene annotation (default: {GENE_SYMBOL_COLUMN}; "
+        f"SOMA: var's {CENSUS_COLUMNS['gene_column']})", group="data")
     gene_order: str | None = _opt(None, "one gene symbol per line", group="data",
                                   metavar="FILE", file=True)
     filter_condition: str | None = _opt(
@@ -170,6 +198,9 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
+        sources = [f"--{name}" for name in SOURCES if getattr(self, name)]
+        if len(sources) > 1:
+            raise ConfigError(f"{' and '.join(sources)} each name the training data: give one")
         if self.margin <= 0:
             raise ConfigError(f"margin must be > 0, got {self.margin}")
         if self.lr <= 0:
@@ -222,6 +253,8 @@ class TrainingConfig:
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TrainingConfig)}
+# The fields naming the training data: at most one is set.
+SOURCES = ("tiledb", "soma", "census")
 _HINTS = typing.get_type_hints(TrainingConfig)
 
 # Settings the demo (no --tiledb) uses unless given: trains in about a minute on 2 cores.
@@ -363,8 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     """``bin/train.py``'s flags, one per :class:`TrainingConfig` field, plus ``--config``."""
     p = _Parser(
         prog="scimtrain-train",
-        description="Train a SCimilarity-style cell embedding on a CellArr TileDB store. "
-                    "Without --tiledb, trains a small model on a synthetic demo store.",
+        description="Train a SCimilarity-style cell embedding on a CellArr TileDB store "
+                    "or a SOMA experiment (--soma, --census). Without either, trains a small "
+                    "model on a synthetic demo store.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", metavar="FILE",
                    help="JSON, YAML or TOML file of defaults (keys: long flag names)")
@@ -417,7 +451,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
             file_values = {k: file_values[k] for k in explicit}
         except ConfigError as exc:
             parser.error(str(exc))
-    if not first.tiledb and not file_values.get("tiledb"):
+    if not any(getattr(first, name) or file_values.get(name) for name in SOURCES):
         parser.set_defaults(**DEMO_DEFAULTS)
     parser.set_defaults(**file_values)
     args = vars(parser.parse_args(argv))

@@ -33,9 +33,9 @@ from scimtrain.columns import (
     STUDY_INT,
     WEIGHT,
 )
-from scimtrain.condition import split_clauses
+from scimtrain.condition import scimilarity_filter, split_clauses
 from scimtrain.ontology import CellOntology
-from scimtrain.store import CellArrStore, StoreError
+from scimtrain.source import CellSource, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +66,18 @@ class SelectionError(ValueError):
     """The selection cannot produce training cells; the message names the step and the fix."""
 
 
-def default_filter(label_column: str = LABEL_COLUMN) -> str:
-    """SCimilarity's default cell filter (docs/scimilarity.md §2.1) for a given label column."""
-    return (f"{label_column}!='nan' and total_counts>1000 and n_genes_by_counts>500 and "
-            f"pct_counts_mt<20 and predicted_doublets==0 and {label_column}!='CL:0009010'")
+def default_filter(label_column: str = LABEL_COLUMN, source: CellSource | None = None) -> str:
+    """The filter used when none is given: SCimilarity's (docs/scimilarity.md §2.1) on the
+    label column, in ``source``'s terms when given (a SOMA source maps it to Census columns)."""
+    return source.default_filter(label_column) if source is not None \
+        else scimilarity_filter(label_column)
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
     """Inputs of the selection; defaults are SCimilarity's (docs/scimilarity.md §2, §8).
 
-    ``filter_condition=None`` means :func:`default_filter` on ``label_column``; ``""`` selects
+    ``filter_condition=None`` means :func:`default_filter` of the source; ``""`` selects
     every cell. ``exclude_samples`` holds ``(study, sample)`` pairs. ``gene_order`` is a file
     with one symbol per line, or a list of symbols, or ``None`` for every store gene.
     ``val_min_studies``: SCimilarity applies the ">= 2 studies" rule inside the validation
@@ -102,8 +103,9 @@ class SelectionConfig:
     gene_order: str | os.PathLike | Sequence[str] | None = None
     allow_unknown_labels: bool = False
 
-    def condition(self) -> str:
-        return default_filter(self.label_column) if self.filter_condition is None \
+    def condition(self, source: CellSource | None = None) -> str:
+        """The filter: as given, else the source's default (:func:`default_filter`)."""
+        return default_filter(self.label_column, source) if self.filter_condition is None \
             else self.filter_condition
 
 
@@ -148,7 +150,7 @@ class Selection:
         return "\n".join(lines)
 
 
-def select_cells(store: CellArrStore, config: SelectionConfig = SelectionConfig(),
+def select_cells(store: CellSource, config: SelectionConfig = SelectionConfig(),
                  ontology: CellOntology | None = None) -> Selection:
     """Run docs/scimilarity.md §2 on a store and return the :class:`Selection`.
 
@@ -217,7 +219,7 @@ def select_cells(store: CellArrStore, config: SelectionConfig = SelectionConfig(
 # --------------------------------------------------------------------------- the steps
 
 
-def _query(store: CellArrStore, cfg: SelectionConfig) -> pd.DataFrame:
+def _query(store: CellSource, cfg: SelectionConfig) -> pd.DataFrame:
     """Step 1: the filter, returning standard columns label_id / study / sample."""
     wanted = [cfg.label_column, cfg.study_column, cfg.sample_column]
     available = store.columns("cell_metadata")
@@ -226,12 +228,13 @@ def _query(store: CellArrStore, cfg: SelectionConfig) -> pd.DataFrame:
         raise StoreError(
             f"cell_metadata of {store.uri} lacks the column(s) {missing} that training needs "
             f"(label, study, sample); it has {available}. Name the right columns with "
-            "--label_id_column / --study_column / --sample_column, or rebuild the store with "
-            "bin/build_store.py (with the cellarr package: pass build_cellarrdataset a "
-            "cell_metadata frame holding these columns).")
-    frame = store.query_cells(cfg.condition(), wanted)
-    if frame.empty and cfg.condition():
-        clauses = split_clauses(cfg.condition())
+            f"--label_id_column / --study_column / --sample_column{store.column_fix}.")
+    condition = cfg.condition(store)
+    frame = store.query_cells(condition, wanted)
+    if store.unlabelled:  # e.g. Census's 'unknown': unlabelled, whatever the filter says
+        frame = frame[~frame[cfg.label_column].isin(store.unlabelled)]
+    if frame.empty and condition:
+        clauses = split_clauses(condition)
         kept = [len(store.query_cells(c, [cfg.label_column])) for c in clauses]
         raise SelectionError(
             f"the filter keeps no cell of {store.uri}. Cells each clause keeps on its own:\n"
@@ -259,7 +262,7 @@ def exclude_samples(cells: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> pd
     return cells[~keys.isin(drop)]
 
 
-def exclude_disease_samples(cells: pd.DataFrame, store: CellArrStore,
+def exclude_disease_samples(cells: pd.DataFrame, store: CellSource,
                             cfg: SelectionConfig) -> pd.DataFrame:
     """Step 2c: drop the cells of samples whose ``sample_metadata`` disease names a keyword.
 
@@ -298,7 +301,7 @@ def exclude_disease_samples(cells: pd.DataFrame, store: CellArrStore,
     return cells
 
 
-def disease_samples(store: CellArrStore, cfg: SelectionConfig) -> list[tuple[str, str]]:
+def disease_samples(store: CellSource, cfg: SelectionConfig) -> list[tuple[str, str]]:
     """(study, sample) pairs whose ``sample_metadata`` disease names a keyword (needs the
     study, sample and disease columns there)."""
     if not cfg.disease_keywords:
@@ -375,7 +378,7 @@ def _check_labels_known(cells: pd.DataFrame, ontology: CellOntology, allow: bool
         "or --allow_unknown_labels to drop them.")
 
 
-def _check_validation_studies(cells: pd.DataFrame, store: CellArrStore,
+def _check_validation_studies(cells: pd.DataFrame, store: CellSource,
                               cfg: SelectionConfig) -> None:
     """Every validation study must have cells after the filter and exclusions."""
     absent = sorted(set(cfg.val_studies) - set(cells[STUDY]))
@@ -436,7 +439,7 @@ def read_gene_order(source: str | os.PathLike | Sequence[str]) -> list[str]:
     return [str(s) for s in source]
 
 
-def align_genes(store: CellArrStore, gene_order: str | os.PathLike | Sequence[str] | None
+def align_genes(store: CellSource, gene_order: str | os.PathLike | Sequence[str] | None
                 ) -> tuple[list[str], np.ndarray, list[str]]:
     """Step 9: the model's gene space.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,14 @@ import tiledb
 
 from scimtrain.columns import GENE_SYMBOL_COLUMN
 from scimtrain.condition import ENUM, NUMBER, TEXT, ConditionError, plan_condition
+from scimtrain.source import (  # noqa: F401 (StoreError: also imported from here)
+    CellSource,
+    StoreError,
+    csr_from_coordinates,
+    first_line,
+    missing_values,
+    resolved_uri,
+)
 
 COUNTS_LOCATIONS = ("counts", "assays/counts")
 FRAMES = ("cell_metadata", "gene_annotation", "sample_metadata")
@@ -39,17 +47,13 @@ DEFAULT_CONFIG = {"sm.enable_signal_handlers": "false"}
 _INHERITED: list = []
 
 
-class StoreError(ValueError):
-    """A store, or a request to it, is not usable; the message says what to fix."""
-
-
 def join_uri(base: str, name: str) -> str:
     """Join a TileDB URI (local path, ``s3://``, ``tiledb://``) and a relative name."""
     return f"{base.rstrip('/')}/{name}"
 
 
-class CellArrStore:
-    """One CellArr store, opened lazily and per process.
+class CellArrStore(CellSource):
+    """One CellArr store, opened lazily and per process (a :class:`CellSource`).
 
     Args:
         uri: the store's folder or TileDB URI.
@@ -62,6 +66,10 @@ class CellArrStore:
     Raises:
         StoreError: the URI is not a store, or lacks one of the four arrays.
     """
+
+    kind = "cellarr"
+    column_fix = (", or rebuild the store with bin/build_store.py (with the cellarr package: "
+                  "pass build_cellarrdataset a cell_metadata frame holding these columns)")
 
     def __init__(
         self,
@@ -142,6 +150,14 @@ class CellArrStore:
         state = self.__dict__.copy()
         state.update(_pid=None, _ctx=None, _counts=None)
         return state
+
+    def identity(self) -> dict:
+        """The resolved URI and the fragments (name, which holds timestamps and a UUID, and
+        cell count) of the counts, cell_metadata and gene_annotation arrays."""
+        arrays = {"counts": self.counts_uri,
+                  **{f: join_uri(self.uri, f) for f in ("cell_metadata", "gene_annotation")}}
+        return {"uri": resolved_uri(self.uri),
+                "fragments": array_fragments(arrays, tiledb.Ctx(tiledb.Config(self.config)))}
 
     def _object_type(self, uri: str) -> str | None:
         return tiledb.object_type(uri, ctx=self._context())
@@ -257,13 +273,13 @@ class CellArrStore:
                 raw = arr.query(cond=plan.tiledb, attrs=read, dims=[row_dim]).multi_index[:]
             except (tiledb.TileDBError, TypeError, ValueError) as exc:
                 raise self._condition_error(condition, frame, available,
-                                            _first_line(exc)) from exc
+                                            first_line(exc)) from exc
             fills = {c: schema.attr(c).fill for c in columns}
         rows = np.asarray(raw[row_dim], dtype=np.int64)
         data = {c: self._decoded(raw[c], frame, c) for c in read}
         keep = np.ones(len(rows), dtype=bool)
         for c in columns:
-            keep &= ~_missing(data[c], fills[c])
+            keep &= ~missing_values(data[c], fills[c])
         if plan.python is not None:
             # Only rows TileDB kept (the others come back as fill values): fewer to parse.
             try:
@@ -293,27 +309,6 @@ class CellArrStore:
 
     # ------------------------------------------------------------------ counts
 
-    def read_rows(self, cell_indices: Iterable[int] | np.ndarray) -> sp.csr_matrix:
-        """Rows of ``counts`` as a CSR matrix, in the order asked (repeats allowed).
-
-        Args:
-            cell_indices: cell indices (rows of ``cell_metadata``).
-
-        Returns:
-            ``csr_matrix`` of shape ``(len(cell_indices), n_genes)``, float32 values, column
-            indices sorted within each row. One TileDB query reads every distinct cell:
-            neighbouring cells are coalesced into ranges.
-        """
-        idx = np.asarray(cell_indices, dtype=np.int64).ravel()
-        if idx.size and (idx.min() < 0 or idx.max() >= self.n_cells):
-            bad = idx[(idx < 0) | (idx >= self.n_cells)][0]
-            raise StoreError(f"cell index {bad} is outside 0..{self.n_cells - 1} of {self.uri}")
-        unique = np.unique(idx)
-        rows = self._read_sorted_unique(unique)
-        if unique.size == idx.size and np.array_equal(unique, idx):
-            return rows
-        return rows[np.searchsorted(unique, idx)]
-
     def _read_sorted_unique(self, cells: np.ndarray) -> sp.csr_matrix:
         shape = (cells.size, self.n_genes)
         if cells.size == 0:
@@ -324,17 +319,9 @@ class CellArrStore:
         # order (~5x the read itself), so read unordered and sort here only when needed.
         result = arr.query(attrs=[self.counts_attr], dims=[self.cell_dim, self.gene_dim],
                            order="U").multi_index[ranges, :]
-        cell, gene = result[self.cell_dim], result[self.gene_dim]
-        values = result[self.counts_attr]
-        if not self._csr_ordered(arr) or not _is_sorted(cell):
-            order = np.lexsort((gene, cell))
-            cell, gene, values = cell[order], gene[order], values[order]
-        # Gene ids are < 2**31 in any real store, so a uint32 buffer is a valid int32 view.
-        indices = gene.view(np.int32) if gene.dtype == np.uint32 else gene.astype(np.int32)
-        indptr = np.searchsorted(cell, cells.astype(cell.dtype, copy=False), side="left")
-        indptr = np.append(indptr, cell.size).astype(np.int64)
-        return sp.csr_matrix((values.astype(np.float32, copy=False), indices, indptr),
-                             shape=shape)
+        return csr_from_coordinates(cells, result[self.cell_dim], result[self.gene_dim],
+                                    result[self.counts_attr], self.n_genes,
+                                    ordered=self._csr_ordered(arr))
 
     def _csr_ordered(self, arr: tiledb.SparseArray) -> bool:
         """Whether unordered reads come back in CSR order (cell, then gene ascending).
@@ -352,6 +339,15 @@ class CellArrStore:
             fragments = len(tiledb.array_fragments(self.counts_uri, ctx=self._context()))
             self._ordered = row_major and (full_gene_tiles or one_cell_tiles) and fragments == 1
         return self._ordered
+
+
+def array_fragments(arrays: Mapping[str, str], ctx: tiledb.Ctx) -> dict[str, list]:
+    """``{name: sorted [fragment name, cell count] pairs}`` of TileDB arrays (any TileDB array:
+    a CellArr store's or a SOMA experiment's). A fragment's name holds its timestamps and a
+    UUID, so any write or consolidation changes the list."""
+    return {name: sorted([info.uri.rstrip("/").rsplit("/", 1)[-1], int(info.cell_num)]
+                         for info in tiledb.array_fragments(uri, ctx=ctx))
+            for name, uri in arrays.items()}
 
 
 def coalesce_ranges(sorted_unique: np.ndarray) -> np.ndarray:
@@ -389,7 +385,7 @@ def decode_text(values: np.ndarray) -> np.ndarray:
 
     TileDB returns ``ascii`` attributes as ``bytes``, UTF-8 ones as ``str`` and enumerations as
     a fixed-width unicode array; numbers pass through unchanged. Null strings (``'\\x00'``)
-    stay ``'\\x00'``, so that :func:`_missing` still sees them.
+    stay ``'\\x00'``, so that :func:`~scimtrain.source.missing_values` still sees them.
 
     Raises:
         UnicodeDecodeError: a value is not UTF-8.
@@ -405,26 +401,3 @@ def decode_text(values: np.ndarray) -> np.ndarray:
     codes, uniques = pd.factorize(values, use_na_sentinel=False)
     decoded = np.array([u.decode("utf-8") for u in uniques], dtype=object)
     return decoded[codes]
-
-
-def _is_sorted(values: np.ndarray) -> bool:
-    return bool(np.all(values[1:] >= values[:-1]))
-
-
-def _missing(values: np.ndarray, fill: object) -> np.ndarray:
-    """Which entries of one column count as missing (null string, empty, NaN, fill value)."""
-    values = np.asarray(values)
-    if values.dtype.kind in "OUS":
-        as_str = values.astype(str)
-        return (as_str == "") | (as_str == "\x00")
-    missing = np.zeros(values.shape, dtype=bool)
-    if values.dtype.kind == "f":
-        missing |= np.isnan(values)
-    fill_value = np.asarray(fill).ravel()
-    if fill_value.size == 1 and values.dtype.kind in "iuf" and not np.isnan(fill_value[0]):
-        missing |= values == fill_value[0]
-    return missing
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scimtrain.cache.buffers import BufferRing, make_flags, register
 from scimtrain.prefetch import prefetch
 from scimtrain.sampling import Mode, SamplingPlan
+from scimtrain.source import CellSource
 from scimtrain.store import CellArrStore
 
 if TYPE_CHECKING:
@@ -148,10 +149,11 @@ class StreamConfig:
 
 
 class CellStream(IterableDataset):
-    """Batches of one rank's epoch, read in pools from a CellArr store.
+    """Batches of one rank's epoch, read in pools from a cell source (or gathered from its
+    training cache).
 
     Args:
-        store: the store (or its URI).
+        store: the :class:`~scimtrain.source.CellSource` (a string: a CellArr store's URI).
         cells: the split to sample from (:meth:`CellTable.from_frame`).
         gene_indices: store columns in model order (``Selection.gene_indices``); ``None`` keeps
             every store gene in store order.
@@ -164,13 +166,13 @@ class CellStream(IterableDataset):
             ``len(train)`` for the validation split of a cache built on train + val).
     """
 
-    def __init__(self, store: CellArrStore | str, cells: CellTable,
+    def __init__(self, store: CellSource | str, cells: CellTable,
                  gene_indices: np.ndarray | None = None, config: StreamConfig = StreamConfig(),
                  rank: int | None = None, world_size: int | None = None, *,
                  cache: TrainingCache | None = None, cache_offset: int = 0) -> None:
         super().__init__()
         rank, world_size = _place(rank, world_size)
-        if not isinstance(store, CellArrStore):
+        if not isinstance(store, CellSource):
             store = CellArrStore(store)
         self.store = store.with_config(reader_config(config))
         self.cells = cells

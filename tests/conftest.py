@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 from scimtrain.build import build_training
 from scimtrain.config import TrainingConfig
+from scimtrain.model import Encoder
 from scimtrain.synthetic import SyntheticConfig, make_synthetic_store
 from scimtrain.trainer import Trainer
 from scimtrain.writer import write_store
@@ -90,6 +93,18 @@ def make_trainer(store: str, out: Path | None, step_wrapper=None, **changes) -> 
     if step_wrapper:
         run.trainer.step_fn = step_wrapper(run.objective)
     return run.trainer
+
+
+def load_like_cell_embedding(folder: Path) -> tuple[list[str], Encoder]:
+    """Read a model folder as SCimilarity's CellEmbedding does (gene_order.tsv, layer_sizes.json,
+    encoder.ckpt): its genes and its encoder."""
+    genes = (folder / "gene_order.tsv").read_text().split("\n")[:-1]
+    sizes = json.loads((folder / "layer_sizes.json").read_text())
+    layers = [(k, sizes[k]) for k in sorted(sizes) if "weight" in k and len(sizes[k]) > 1]
+    encoder = Encoder(len(genes), latent_dim=layers[-1][1][0],
+                      hidden_dim=[shape[0] for _, shape in layers[:-1]])
+    encoder.load_state_dict(torch.load(folder / "encoder.ckpt", weights_only=True)["state_dict"])
+    return genes, encoder
 
 
 def run_folder(out: Path) -> Path:

@@ -10,7 +10,6 @@ holding plain strings.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,10 +25,9 @@ import torch
 from cellarr.build import build_cellarrdataset as cellarr_build
 from cellarr.build import build_options as cellarr_options
 
-from scimtrain.model import Encoder
 from scimtrain.selection import SelectionConfig, select_cells
 from scimtrain.store import CellArrStore, StoreError
-from tests.conftest import hand_store
+from tests.conftest import hand_store, load_like_cell_embedding
 
 TRAIN = str(Path(__file__).resolve().parents[1] / "bin" / "train.py")
 LABELS = ["CL:0000236", "CL:0000576", "CL:0000084", "CL:0000623"]  # B, monocyte, T, NK
@@ -187,24 +185,12 @@ def _train(store: str, out: Path, *extra: str) -> Path:
     return folders[0]
 
 
-def _load_like_cell_embedding(folder: Path) -> tuple[list[str], Encoder]:
-    """Read a model folder as SCimilarity's CellEmbedding does (gene_order.tsv, layer_sizes.json,
-    encoder.ckpt)."""
-    genes = (folder / "gene_order.tsv").read_text().split("\n")[:-1]
-    sizes = json.loads((folder / "layer_sizes.json").read_text())
-    layers = [(k, sizes[k]) for k in sorted(sizes) if "weight" in k and len(sizes[k]) > 1]
-    encoder = Encoder(len(genes), latent_dim=layers[-1][1][0],
-                      hidden_dim=[shape[0] for _, shape in layers[:-1]])
-    encoder.load_state_dict(torch.load(folder / "encoder.ckpt", weights_only=True)["state_dict"])
-    return genes, encoder
-
-
 @pytest.mark.parametrize("flavour", ["defaults", "typed"])
 def test_cellarr_store_trains_with_no_other_flag(stores, tmp_path, flavour):
     """Done when: ``bin/train.py --tiledb STORE --val_studies A B`` (plus output and small-model
     flags, which do not touch the data) trains on a cellarr store, its defaults included."""
     folder = _train(stores[flavour], tmp_path)
-    genes, encoder = _load_like_cell_embedding(folder)
+    genes, encoder = load_like_cell_embedding(folder)
     store = CellArrStore(stores[flavour])
     assert genes == list(store.gene_symbols) == sorted(_gene_names())
     encoder.eval()

@@ -2,7 +2,7 @@
 
 Each chunk is a run of consecutive cache rows (store cells ascending within each split, so one
 chunk is one query of a few long cell ranges: the store's sequential fast path). A worker
-process reads its chunk exactly as the stream reads a pool (``CellArrStore.read_rows``, then
+process reads its chunk exactly as the stream reads a pool (``CellSource.read_rows``, then
 the model's gene subset, then :func:`scimtrain.stream.lognormalize`: the same functions, so
 the same bits) and hands the chunk's values and column indices to the parent, which appends
 them in chunk order to the cache files while later chunks are still being read, and writes
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from scimtrain.cache.layout import array_file, index_dtype
 from scimtrain.cache.lock import HELD_LOCK_FDS
-from scimtrain.store import CellArrStore
+from scimtrain.source import CellSource
 
 CHUNK_CELLS = 4096  # cells a worker reads at once: ~50 MB of TileDB results at 2,000 nnz/cell
 ESTIMATE_SAMPLE = 256  # cells spread over the selection, for the non-zeros per cell
@@ -35,14 +35,14 @@ ESTIMATE_BLOCK = 512  # consecutive cells read and timed, for the build time
 WRITE_BYTES_PER_S = 400e6  # appending parts to the cache files (page cache, then disk)
 
 
-def single_threaded(store: CellArrStore) -> CellArrStore:
+def single_threaded(store: CellSource) -> CellSource:
     """The store reading with one TileDB thread: the build's processes are its parallelism."""
     return store.with_config({"sm.compute_concurrency_level": 1,
                               "sm.io_concurrency_level": 1,
                               "py.init_buffer_bytes": 64 * 2**20})
 
 
-def read_model_rows(store: CellArrStore, cells: np.ndarray,
+def read_model_rows(store: CellSource, cells: np.ndarray,
                     genes: np.ndarray | None) -> sp.csr_matrix:
     """Counts of ``cells`` (any order) with columns in model order, as the stream reads them."""
     rows = store.read_rows(cells)
@@ -53,7 +53,7 @@ def read_model_rows(store: CellArrStore, cells: np.ndarray,
 class ChunkReader:
     """Reads one chunk of cache rows as cache arrays (runs in a worker process)."""
 
-    store: CellArrStore
+    store: CellSource
     genes: np.ndarray | None
     target_sum: float
     index_dtype: np.dtype
@@ -110,7 +110,7 @@ def chunks(cells: np.ndarray, chunk_cells: int) -> list[tuple[int, np.ndarray]]:
             for i, start in enumerate(range(0, cells.size, chunk_cells))]
 
 
-def build_arrays(store: CellArrStore, cells: np.ndarray, genes: np.ndarray | None,
+def build_arrays(store: CellSource, cells: np.ndarray, genes: np.ndarray | None,
                  target_sum: float, folder: Path, *, n_genes: int, workers: int,
                  chunk_cells: int = CHUNK_CELLS, progress: bool = True,
                  mp_context: str | None = None) -> dict:
@@ -176,7 +176,7 @@ def _results(reader: ChunkReader, tasks: list, workers: int, mp_context: str | N
         yield from pool.imap(_run_chunk, tasks)
 
 
-def estimate_build(store: CellArrStore, cells: np.ndarray, genes: np.ndarray | None,
+def estimate_build(store: CellSource, cells: np.ndarray, genes: np.ndarray | None,
                    n_genes: int, workers: int) -> tuple[int, float]:
     """``(bytes, seconds)`` a build of ``cells`` would take: non-zeros per cell from a sample
     spread over the selection, time per cell from a read of consecutive selected cells."""

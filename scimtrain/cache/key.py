@@ -1,9 +1,9 @@
 """The cache key: a sha256 over everything a cache's bytes depend on.
 
-Inputs: the store's identity (its resolved URI) and version (the fragment lists of its counts,
-cell_metadata and gene_annotation arrays: each fragment's name, which holds its timestamps and
-a UUID, and its cell count), the selected cells in cache-row order, the gene order, the
-normalisation and the cache format version. Writing to the store (a new fragment),
+Inputs: the source's identity (:meth:`scimtrain.source.CellSource.identity`: its resolved URI
+and version, the fragment lists of its counts and the frames that decide cells and genes: each
+fragment's name holds its timestamps and a UUID), the selected cells in cache-row order, the
+gene order, the normalisation and the cache format version. Writing to the store (a new fragment),
 consolidating it, or changing the selection or gene order gives a new key, hence a new cache.
 """
 
@@ -11,30 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
-import tiledb
 
 from scimtrain.cache.layout import FORMAT_VERSION, NORMALISATION
-from scimtrain.store import CellArrStore, join_uri
-
-KEYED_FRAMES = ("cell_metadata", "gene_annotation")
-
-
-def store_identity(store: CellArrStore) -> dict:
-    """The resolved URI of ``store`` and the fragments of its counts and keyed frames."""
-    uri = store.uri
-    if "://" not in uri:
-        uri = os.path.realpath(uri)
-    fragments = {}
-    arrays = {"counts": store.counts_uri, **{f: join_uri(store.uri, f) for f in KEYED_FRAMES}}
-    ctx = tiledb.Ctx(tiledb.Config(store.config))
-    for name, array_uri in arrays.items():
-        infos = tiledb.array_fragments(array_uri, ctx=ctx)
-        fragments[name] = sorted([info.uri.rstrip("/").rsplit("/", 1)[-1], int(info.cell_num)]
-                                 for info in infos)
-    return {"uri": uri, "fragments": fragments}
 
 
 def normalise_genes(gene_indices: np.ndarray | None, n_genes: int) -> np.ndarray | None:
@@ -51,7 +31,7 @@ def normalise_genes(gene_indices: np.ndarray | None, n_genes: int) -> np.ndarray
 
 def cache_key(identity: dict, cells: np.ndarray, genes: np.ndarray | None, n_store_genes: int,
               target_sum: float) -> str:
-    """The hex sha256 key of a cache (arguments as :func:`store_identity` and
+    """The hex sha256 key of a cache (``identity``: :meth:`CellSource.identity`; the rest as
     :func:`normalise_genes` return them; ``cells`` int64 in cache-row order)."""
     digest = hashlib.sha256()
     header = {"format_version": FORMAT_VERSION, "normalisation": NORMALISATION,

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from scimtrain.cache import gather
 from scimtrain.cache.build import CHUNK_CELLS, build_arrays, estimate_build
-from scimtrain.cache.key import cache_key, normalise_genes, store_identity
+from scimtrain.cache.key import cache_key, normalise_genes
 from scimtrain.cache.layout import (
     BUILDING_PREFIX,
     FORMAT_VERSION,
@@ -39,7 +39,7 @@ from scimtrain.cache.layout import (
     write_manifest,
 )
 from scimtrain.cache.lock import build_lock, is_locked
-from scimtrain.store import CellArrStore
+from scimtrain.source import CellSource
 
 SPACE_MARGIN = 1.15  # free space asked beyond the estimate: sampling error, file-system slack
 
@@ -71,7 +71,7 @@ class TrainingCache:
         return cls(path, read_manifest(path))
 
     @classmethod
-    def ensure(cls, store: CellArrStore, cells: np.ndarray,
+    def ensure(cls, store: CellSource, cells: np.ndarray,
                gene_indices: np.ndarray | None = None,
                cache_dir: str | os.PathLike | None = None, target_sum: float = 1e4,
                workers: int | None = None, progress: bool = True, *,
@@ -113,7 +113,7 @@ class TrainingCache:
         if not os.access(root, os.W_OK | os.X_OK):
             raise CacheError(f"the training cache folder {root} is not writable; pass another "
                              "cache_dir (--cache_dir)")
-        key = cache_key(store_identity(store), cells, genes, store.n_genes, target_sum)
+        key = cache_key(store.identity(), cells, genes, store.n_genes, target_sum)
         final = root / key
         if final.is_dir() and problem(final, key) is None:
             return cls._use(final)
@@ -141,7 +141,7 @@ class TrainingCache:
                 write_manifest(temp, {
                     "format_version": FORMAT_VERSION, "key": key,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "store": store_identity(store)["uri"], "target_sum": float(target_sum),
+                    "store": store.identity()["uri"], "target_sum": float(target_sum),
                     "normalisation": NORMALISATION, **arrays})
                 _publish(temp, final, key)
             except OSError as exc:
@@ -156,7 +156,7 @@ class TrainingCache:
         return cls._use(final)
 
     @staticmethod
-    def estimate(store: CellArrStore, cells: np.ndarray, gene_indices: np.ndarray | None,
+    def estimate(store: CellSource, cells: np.ndarray, gene_indices: np.ndarray | None,
                  workers: int | None = None) -> tuple[int, float]:
         """``(bytes needed, seconds to build)`` for :meth:`ensure` with these arguments,
         from a read of a few hundred cells."""

@@ -1,0 +1,189 @@
+"""Where cells come from: the one small interface the selection, the cache and the stream use.
+
+Two sources implement :class:`CellSource`: a CellArr TileDB store
+(:class:`scimtrain.store.CellArrStore`, ``--tiledb``) and a SOMA experiment such as the
+CELLxGENE Census (:class:`scimtrain.soma.SomaSource`, ``--soma`` / ``--census``). A source
+offers three frames by name — ``cell_metadata`` (one row per cell, indexed by the cell's
+integer id: CellArr's ``cell_index``, SOMA's ``soma_joinid``), ``sample_metadata`` and
+``gene_annotation`` — filtered cell queries, the gene symbols in column order, and rows of
+raw counts of given cells (:meth:`CellSource.read_rows`, shared here: one read of the distinct
+cells in ascending order, the source's fast order, then reordered as asked).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scimtrain.columns import (
+    GENE_SYMBOL_COLUMN,
+    LABEL_COLUMN,
+    SAMPLE_COLUMN,
+    STUDY_COLUMN,
+)
+from scimtrain.condition import scimilarity_filter
+
+
+class StoreError(ValueError):
+    """A store, or a request to it, is not usable; the message says what to fix."""
+
+
+class CellSource(ABC):
+    """Cells, their metadata and their counts, from one store or experiment.
+
+    Attributes every source sets: ``uri`` (where it lives), ``counts_uri`` (the array of
+    counts), ``n_cells`` (cell ids lie in ``0..n_cells-1``), ``n_genes`` (columns of
+    :meth:`read_rows`). Class attributes say what
+    ``bin/train.py``'s column flags default to for this kind of source (``columns``), which
+    label values mean "no label" (``unlabelled``), and how to fix a missing column
+    (``column_fix``).
+    """
+
+    kind: ClassVar[str]
+    columns_default: ClassVar[Mapping[str, str]] = {
+        "label_id_column": LABEL_COLUMN, "study_column": STUDY_COLUMN,
+        "sample_column": SAMPLE_COLUMN, "gene_column": GENE_SYMBOL_COLUMN}
+    unlabelled: ClassVar[tuple[str, ...]] = ()
+    column_fix: ClassVar[str] = ""
+
+    uri: str
+    counts_uri: str
+    n_cells: int
+    n_genes: int
+
+    # ------------------------------------------------------------------ frames
+
+    @abstractmethod
+    def columns(self, frame: str = "cell_metadata") -> list[str]:
+        """The column names of one frame."""
+
+    @abstractmethod
+    def read_frame(self, frame: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """A whole frame (or some of its columns), text as ``str``; rows with a missing value
+        in a column read are dropped."""
+
+    @abstractmethod
+    def query_cells(self, condition: str | None, columns: Sequence[str]) -> pd.DataFrame:
+        """Cells satisfying a query condition (TileDB's syntax: ``"nnz>500 and
+        label!='unknown'"``; ``None`` or ``""``: every cell), indexed by cell id (int64,
+        ascending, named ``cell_index``), holding ``columns`` (text as ``str``); rows missing a
+        value in one of them are dropped.
+
+        Raises:
+            StoreError: the condition cannot be evaluated or names an unknown column, or a
+                requested column does not exist.
+        """
+
+    @property
+    @abstractmethod
+    def gene_symbols(self) -> np.ndarray:
+        """Gene symbols in column order (an object array of ``str``, ``n_genes`` long)."""
+
+    def default_filter(self, label_column: str) -> str:
+        """The cell filter used when none is given: SCimilarity's (docs/scimilarity.md §2.1)."""
+        return scimilarity_filter(label_column)
+
+    # ------------------------------------------------------------------ identity and handles
+
+    @abstractmethod
+    def identity(self) -> dict:
+        """What the source's content is: its resolved location and version (fragment lists),
+        for the training cache's key. Changes whenever the data does."""
+
+    @abstractmethod
+    def with_config(self, config: Mapping[str, object]) -> CellSource:
+        """The same source with extra TileDB config entries (a copy; no I/O)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release this process's open handles (reopened on the next read)."""
+
+    # ------------------------------------------------------------------ counts
+
+    def read_rows(self, cell_indices: Iterable[int] | np.ndarray) -> sp.csr_matrix:
+        """Raw counts of cells as a CSR matrix, in the order asked (repeats allowed).
+
+        Args:
+            cell_indices: cell ids.
+
+        Returns:
+            ``csr_matrix`` of shape ``(len(cell_indices), n_genes)``, float32 values, column
+            indices sorted within each row. Every distinct cell is read once, in ascending
+            order.
+
+        Raises:
+            StoreError: a cell id is outside ``0..n_cells-1``.
+        """
+        idx = np.asarray(cell_indices, dtype=np.int64).ravel()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_cells):
+            bad = idx[(idx < 0) | (idx >= self.n_cells)][0]
+            raise StoreError(f"cell index {bad} is outside 0..{self.n_cells - 1} of {self.uri}")
+        unique = np.unique(idx)
+        rows = self._read_sorted_unique(unique)
+        if unique.size == idx.size and np.array_equal(unique, idx):
+            return rows
+        return rows[np.searchsorted(unique, idx)]
+
+    @abstractmethod
+    def _read_sorted_unique(self, cells: np.ndarray) -> sp.csr_matrix:
+        """Rows of ``cells`` (sorted, distinct, in range) as :meth:`read_rows` returns them."""
+
+
+def csr_from_coordinates(cells: np.ndarray, cell: np.ndarray, gene: np.ndarray,
+                         values: np.ndarray, n_genes: int, ordered: bool) -> sp.csr_matrix:
+    """The CSR rows of ``cells`` (sorted, distinct) from the coordinates a read returned.
+
+    ``cell``, ``gene``, ``values``: one entry per non-zero, every ``cell`` among ``cells``;
+    ``ordered``: the read promises cell-then-gene order (else it is checked, and sorted when
+    needed). Values become float32 and column indices int32, sorted within each row.
+    """
+    shape = (cells.size, n_genes)
+    if not ordered or not _is_sorted(cell):
+        order = np.lexsort((gene, cell))
+        cell, gene, values = cell[order], gene[order], values[order]
+    # Gene ids are < 2**31 in any real store, so a uint32 buffer is a valid int32 view.
+    indices = gene.view(np.int32) if gene.dtype == np.uint32 else gene.astype(np.int32)
+    indptr = np.searchsorted(cell, cells.astype(cell.dtype, copy=False), side="left")
+    indptr = np.append(indptr, cell.size).astype(np.int64)
+    return sp.csr_matrix((values.astype(np.float32, copy=False), indices, indptr), shape=shape)
+
+
+def missing_values(values: np.ndarray, fill: object = None) -> np.ndarray:
+    """Which entries of one column count as missing: null string ``'\\x00'``, empty string,
+    NaN, or the column's fill value (when given)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "OUS":
+        as_str = values.astype(str)
+        missing = (as_str == "") | (as_str == "\x00")
+        if values.dtype.kind == "O":  # None / NaN in an object column (pandas' nulls)
+            missing |= pd.isna(values)
+        return missing
+    missing = np.zeros(values.shape, dtype=bool)
+    if values.dtype.kind == "f":
+        missing |= np.isnan(values)
+    fill_value = np.asarray(fill).ravel() if fill is not None else np.empty(0)
+    if fill_value.size == 1 and values.dtype.kind in "iuf" and not np.isnan(fill_value[0]):
+        missing |= values == fill_value[0]
+    return missing
+
+
+def resolved_uri(uri: str) -> str:
+    """A local path made absolute and free of links (cache keys must not depend on the working
+    directory); other URIs as given."""
+    return uri if "://" in uri else os.path.realpath(uri)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type when it has no message), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_sorted(values: np.ndarray) -> bool:
+    return bool(np.all(values[1:] >= values[:-1]))

@@ -1,10 +1,10 @@
-"""scimtrain: SCimilarity-style metric learning on CellArr/TileDB single-cell atlases.
+"""scimtrain: SCimilarity-style metric learning on CellArr/TileDB and SOMA single-cell atlases.
 
 The public API, importable from the package itself::
 
     import scimtrain
 
-    config = scimtrain.TrainingConfig(tiledb="atlas/", val_studies=["A", "B"])
+    config = scimtrain.TrainingConfig(tiledb="atlas/", val_studies=["A", "B"])  # or soma=...
     run = scimtrain.build_training(config)   # selection, model, data, objective, trainer
     run.fit()                                # train, model folder, test pass
 
@@ -28,7 +28,10 @@ _EXPORTS = {
     "TrainerConfig": "scimtrain.trainer",
     "StepContext": "scimtrain.trainer",
     "make_accelerator": "scimtrain.trainer",
+    "CellSource": "scimtrain.source",
     "CellArrStore": "scimtrain.store",
+    "SomaSource": "scimtrain.soma",
+    "open_source": "scimtrain.build",
     "CellOntology": "scimtrain.ontology",
     "Selection": "scimtrain.selection",
     "SelectionConfig": "scimtrain.selection",

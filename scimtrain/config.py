@@ -201,6 +201,9 @@ class TrainingConfig:
         sources = [f"--{name}" for name in SOURCES if getattr(self, name)]
         if len(sources) > 1:
             raise ConfigError(f"{' and '.join(sources)} each name the training data: give one")
+        if self.counts_location and (self.soma or self.census):
+            raise ConfigError("counts_location is a CellArr store's (--tiledb); a SOMA source's "
+                              "counts are --soma_measurement / --soma_layer")
         if self.margin <= 0:
             raise ConfigError(f"margin must be > 0, got {self.margin}")
         if self.lr <= 0:

@@ -172,16 +172,16 @@ class SomaSource(CellSource):
     def read_frame(self, frame: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """A frame (or some columns); ``sample_metadata`` is the distinct rows of the obs
         columns asked for, indexed 0..n-1."""
-        out = self._read(frame, None, columns)
-        if frame == "sample_metadata":
-            return out.drop_duplicates().reset_index(drop=True)
-        return out
+        out = self._read(frame, None, columns, distinct=frame == "sample_metadata")
+        return out.reset_index(drop=True) if frame == "sample_metadata" else out
 
     def query_cells(self, condition: str | None, columns: Sequence[str]) -> pd.DataFrame:
         return self._read("cell_metadata", condition or None, columns)
 
-    def _read(self, frame: str, condition: str | None,
-              columns: Sequence[str] | None) -> pd.DataFrame:
+    def _read(self, frame: str, condition: str | None, columns: Sequence[str] | None,
+              distinct: bool = False) -> pd.DataFrame:
+        """Rows of a frame satisfying ``condition`` (only the first of equal rows when
+        ``distinct``), text as ``str``, rows with a missing value dropped."""
         available = self.columns(frame)
         columns = available if columns is None else list(columns)
         unknown = [c for c in columns if c not in available]
@@ -200,6 +200,8 @@ class SomaSource(CellSource):
                 f"{first_line(exc)}. Conditions use column names, quoted strings and "
                 f"and/or, e.g. \"nnz>500 and is_primary_data == True\"; the columns are "
                 f"{available}.") from None
+        if distinct:  # before decoding: the Census's obs has ~100 M rows, few distinct ones
+            table = table.take(_first_of_equal_rows(table, columns))
         data = {c: _column(table.column(c)) for c in columns}
         rows = table.column("soma_joinid").to_numpy().astype(np.int64)
         keep = np.ones(rows.size, dtype=bool)
@@ -282,6 +284,31 @@ def census_source(version: str, organism: str = "homo_sapiens", **options: Any) 
         experiment = census["census_data"][organism]
         uri, config = experiment.uri, dict(experiment.context.tiledb_config)
     return SomaSource(uri, config=config, **options)
+
+
+def _first_of_equal_rows(table: Any, columns: Sequence[str]) -> np.ndarray:
+    """Positions of the first row of each distinct combination of ``columns``' values, in
+    table order, from the columns' integer codes (dictionary indices, else factorised)."""
+    import pyarrow as pa
+
+    keys = np.zeros(table.num_rows, dtype=np.int64)
+    span = 1
+    for name in columns:
+        values = table.column(name)
+        if pa.types.is_dictionary(values.type):
+            values = values.unify_dictionaries().combine_chunks()
+            codes = values.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            size = len(values.dictionary)
+        else:
+            codes, uniques = pd.factorize(values.to_numpy(zero_copy_only=False))
+            size = len(uniques)
+        span *= size + 1
+        if span >= 2**62:  # too many combinations for one integer key: compare as rows
+            frame = table.select(list(columns)).to_pandas()
+            return np.flatnonzero(~frame.duplicated().to_numpy())
+        keys = keys * (size + 1) + (codes + 1)  # + 1: a null (-1) is a value of its own
+    _, first = np.unique(keys, return_index=True)
+    return np.sort(first)
 
 
 def _column(values: Any) -> np.ndarray:

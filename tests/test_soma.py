@@ -285,6 +285,8 @@ def test_census_opens_through_cellxgene_census(data, tmp_path, monkeypatch):
 def test_config_names_one_source():
     with pytest.raises(ConfigError, match="--soma and --census each name"):
         TrainingConfig(soma="x", census="stable")
+    with pytest.raises(ConfigError, match="--soma_measurement / --soma_layer"):
+        TrainingConfig(soma="x", counts_location="assays/counts")
 
 
 def test_tiledb_and_tiledbsoma_load_side_by_side(data, selections):

@@ -21,6 +21,7 @@ from scimtrain.condition import (
     plan_condition,
 )
 from scimtrain.selection import default_filter
+from scimtrain.source import csr_from_coordinates
 from scimtrain.store import DEFAULT_CONFIG, CellArrStore, StoreError, coalesce_ranges
 from tests.conftest import hand_store, random_counts
 
@@ -379,3 +380,27 @@ def test_parse_numbers():
                                   [1, 2.5, np.nan, np.nan, np.nan, np.nan, 1, 0, -1000])
     with pytest.raises(ConditionError, match="column 'x' .* holds 'abc'"):
         parse_numbers(np.array(["1", "abc"], dtype=object), "x")
+
+
+@pytest.mark.parametrize("shuffle", ["rows interleaved", "any order", "sorted"])
+def test_csr_from_coordinates_in_any_read_order(shuffle):
+    """Coordinates as reads return them (tiles interleave rows; fragments can put a row's
+    genes out of order) become the canonical CSR of the requested cells."""
+    rng = np.random.default_rng(3)
+    expected = random_counts(50, 40, seed=2).tocsr()
+    cells = np.sort(rng.choice(10_000, 50, replace=False))  # sparse ids: the searchsorted path
+    coo = expected.tocoo()
+    cell, gene, values = cells[coo.row], coo.col.astype(np.int64), coo.data
+    if shuffle == "rows interleaved":  # gene tiles of 8: each row's genes ascend per tile
+        order = np.lexsort((gene, cell, gene // 8))
+    elif shuffle == "any order":
+        order = rng.permutation(cell.size)
+    else:
+        order = np.arange(cell.size)
+    for ids in (cells, np.arange(50)):  # and dense ids: the lookup-table path
+        got = csr_from_coordinates(ids, (ids[coo.row])[order], gene[order], values[order], 40,
+                                   ordered=shuffle == "sorted")
+        assert got.has_sorted_indices
+        np.testing.assert_array_equal(got.indptr, expected.indptr)
+        np.testing.assert_array_equal(got.indices, expected.indices)
+        np.testing.assert_array_equal(got.data, expected.data)

@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scimtrain.cache.buffers import BufferRing, make_flags, register
 from scimtrain.prefetch import prefetch
 from scimtrain.sampling import Mode, SamplingPlan
+from scimtrain.signals import ignore_preemption
 from scimtrain.source import CellSource
 from scimtrain.store import CellArrStore
 
@@ -535,6 +536,10 @@ class _Workers:
                 shutdown()
         except RuntimeError as exc:  # torch's report of a worker that died while stopping
             warnings.warn(f"a loader worker failed while being stopped: {exc}", stacklevel=2)
+        for process in getattr(self.iterator, "_workers", []):
+            if process.is_alive():  # stuck, and deaf to torch's SIGTERM (see _worker_init)
+                process.kill()
+                process.join(timeout=5)
 
 
 def _collect_outstanding(iterator: Any) -> None:
@@ -564,6 +569,7 @@ atexit.register(_close_live_streams)
 def _worker_init(_: int) -> None:
     global _OWN_WORKER
     _OWN_WORKER = True
+    ignore_preemption()  # a job-wide SIGTERM is the training process's to handle
     protect_inherited_objects()
     sys.excepthook = _quiet_when_the_consumer_left(sys.excepthook)
 

@@ -47,10 +47,7 @@ from scimtrain.checkpoint import (
     save_file,
     set_rng_state,
 )
-
-# Signals a cluster sends before it kills a job: finish the step, checkpoint, exit.
-PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1")
-                           if hasattr(signal, name))
+from scimtrain.signals import PREEMPTION_SIGNALS
 
 
 class TrainingInterrupted(Exception):

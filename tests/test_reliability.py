@@ -205,13 +205,18 @@ def test_resume_with_other_data_settings_is_refused(tiny_store, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_checkpoints_and_exits(tiny_store, tmp_path, sig):
+@pytest.mark.parametrize("sig, to", [(signal.SIGTERM, "job"), (signal.SIGUSR1, "process")])
+def test_preemption_signal_checkpoints_and_exits(tiny_store, tmp_path, sig, to):
+    """To the training process, or to every process of the job, loader workers included (as
+    SLURM sends SIGTERM): finish the step, checkpoint, exit 128 + the signal, no traceback."""
     out = tmp_path / "run"
     args = flags(tiny_store, out, "--checkpoint_every", "0", epochs=100_000)  # until signalled
     run = start(args)
     wait_for(lambda: any(checkpoints(out)), process=run)  # the first epoch is done
-    os.kill(run.pid, sig)
+    if to == "job":  # the run leads its own process group (start_new_session)
+        os.killpg(run.pid, sig)
+    else:
+        os.kill(run.pid, sig)
     _, err = run.communicate(timeout=300)
     assert run.returncode == 128 + sig, err[-3000:]
     assert f"stopped by {signal.Signals(sig).name} after step" in err

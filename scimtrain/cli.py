@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +38,11 @@ from scimtrain.trainer import TrainingInterrupted, make_accelerator
 USER_ERRORS = (StoreError, SelectionError, SamplingError, CheckpointError, IngestError,
                ConfigError, OutputError, RunLockedError, ModelFolderError, OntologyFileError,
                UnknownTermError, CacheError)
+
+
+def _one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+              line: str | None = None) -> str:
+    return f"scimtrain-train: warning: {message}\n"
 
 
 def demo_store() -> str:
@@ -97,6 +103,7 @@ def run(config: TrainingConfig) -> dict[str, float] | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one line and a non-zero status for a mistake in the input."""
+    warnings.formatwarning = _one_line  # notes for the user, not for a debugger
     config = parse_args(argv)
     try:
         run(config)

@@ -222,7 +222,10 @@ def test_train_script_on_a_soma_experiment(data, tmp_path):
                       "--result_folder", str(out / "results"), "--log_folder",
                       str(out / "logs")])
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "dropped: pct_counts_mt<20 and predicted_doublets==0" in done.stderr
+    dropped = [line for line in done.stderr.splitlines() if "default filter, dropped" in line]
+    assert dropped == [f"scimtrain-train: warning: obs of {data['soma']} lacks the columns of 2 "
+                       "clause(s) of SCimilarity's default filter, dropped: pct_counts_mt<20 and "
+                       "predicted_doublets==0"]  # one line
     genes, encoder = load_like_cell_embedding(out / "models" / "model_48_0.05_8_2_0.001_t")
     assert genes == list(data["adata"].var["feature_name"])
     with torch.no_grad():

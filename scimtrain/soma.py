@@ -17,7 +17,6 @@ loader or cache-build workers open their own.
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,8 +35,9 @@ from scimtrain.source import (
     first_line,
     missing_values,
     resolved_uri,
+    tiledb_config,
 )
-from scimtrain.store import DEFAULT_CONFIG, array_fragments
+from scimtrain.store import array_fragments
 
 PRIMARY_CLAUSE = "is_primary_data==True"
 INSTALL = "pip install 'scimtrain[soma]'"
@@ -82,7 +82,7 @@ class SomaSource(CellSource):
                  config: Mapping[str, object] | None = None) -> None:
         self.uri = str(uri)
         self.measurement, self.layer, self.gene_column = measurement, layer, gene_column
-        self.config = {**DEFAULT_CONFIG, **{k: str(v) for k, v in (config or {}).items()}}
+        self.config = tiledb_config(config)
         self._pid: int | None = None
         self._handles: dict[str, Any] = {}
         soma = _tiledbsoma()
@@ -135,12 +135,6 @@ class SomaSource(CellSource):
         if self._pid == os.getpid() and "experiment" in self._handles:
             self._handles["experiment"].close()
         self._handles = {}
-
-    def with_config(self, config: Mapping[str, object]) -> SomaSource:
-        clone = copy.copy(self)
-        clone.__dict__.update(self.__getstate__())
-        clone.config = {**self.config, **{k: str(v) for k, v in config.items()}}
-        return clone
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

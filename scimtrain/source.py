@@ -12,6 +12,7 @@ cells in ascending order, the source's fast order, then reordered as asked).
 
 from __future__ import annotations
 
+import copy
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +29,16 @@ from scimtrain.columns import (
     STUDY_COLUMN,
 )
 from scimtrain.condition import scimilarity_filter
+
+# TileDB's own SIGINT/SIGTERM handlers replace Python's: a job whose shell ignores SIGINT (run
+# in the background) segfaulted on it inside TileDB, and preemption signals must reach the
+# Trainer. Signals are Python's business here.
+DEFAULT_CONFIG = {"sm.enable_signal_handlers": "false"}
+
+
+def tiledb_config(config: Mapping[str, object] | None) -> dict[str, str]:
+    """TileDB config entries as strings, over :data:`DEFAULT_CONFIG`."""
+    return {**DEFAULT_CONFIG, **{k: str(v) for k, v in (config or {}).items()}}
 
 
 class StoreError(ValueError):
@@ -53,6 +64,7 @@ class CellSource(ABC):
     column_fix: ClassVar[str] = ""
 
     uri: str
+    config: dict[str, str]  # TileDB config entries of every context the source makes
     counts_uri: str
     n_cells: int
     n_genes: int
@@ -96,9 +108,17 @@ class CellSource(ABC):
         """What the source's content is: its resolved location and version (fragment lists),
         for the training cache's key. Changes whenever the data does."""
 
-    @abstractmethod
     def with_config(self, config: Mapping[str, object]) -> CellSource:
-        """The same source with extra TileDB config entries (a copy; no I/O)."""
+        """The same source with extra TileDB config entries (``self.config``): a copy without
+        this process's handles (:meth:`__getstate__`), no I/O, no re-validation."""
+        clone = copy.copy(self)
+        clone.__dict__.update(self.__getstate__())
+        clone.config = {**self.config, **{k: str(v) for k, v in config.items()}}
+        return clone
+
+    @abstractmethod
+    def __getstate__(self) -> dict:
+        """The source's state without open handles (for copies, pickling to workers)."""
 
     @abstractmethod
     def close(self) -> None:

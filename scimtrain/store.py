@@ -15,7 +15,6 @@ without handles, so "spawn" workers work too.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 
@@ -26,21 +25,19 @@ import tiledb
 
 from scimtrain.columns import GENE_SYMBOL_COLUMN
 from scimtrain.condition import ENUM, NUMBER, TEXT, ConditionError, plan_condition
-from scimtrain.source import (  # noqa: F401 (StoreError: also imported from here)
+from scimtrain.source import (  # noqa: F401 (StoreError, DEFAULT_CONFIG: imported from here)
+    DEFAULT_CONFIG,
     CellSource,
     StoreError,
     csr_from_coordinates,
     first_line,
     missing_values,
     resolved_uri,
+    tiledb_config,
 )
 
 COUNTS_LOCATIONS = ("counts", "assays/counts")
 FRAMES = ("cell_metadata", "gene_annotation", "sample_metadata")
-# TileDB's own SIGINT/SIGTERM handlers replace Python's: a job whose shell ignores SIGINT (run
-# in the background) segfaulted on it inside TileDB, and preemption signals must reach the
-# Trainer. Signals are Python's business here.
-DEFAULT_CONFIG = {"sm.enable_signal_handlers": "false"}
 
 # TileDB objects inherited through fork are parked here instead of being closed or garbage
 # collected in the child: tearing down a parent's context in a forked child segfaults.
@@ -79,7 +76,7 @@ class CellArrStore(CellSource):
         gene_column: str = GENE_SYMBOL_COLUMN,
     ) -> None:
         self.uri = str(uri)
-        self.config = {**DEFAULT_CONFIG, **{k: str(v) for k, v in (config or {}).items()}}
+        self.config = tiledb_config(config)
         self.gene_column = gene_column
         self._pid: int | None = None
         self._ctx: tiledb.Ctx | None = None
@@ -137,14 +134,6 @@ class CellArrStore(CellSource):
         if self._counts is not None and self._pid == os.getpid():
             self._counts.close()
         self._counts = None
-
-    def with_config(self, config: Mapping[str, object]) -> CellArrStore:
-        """The same store with extra TileDB config entries (no re-validation, no I/O); the
-        copy makes its own context and handles."""
-        clone = copy.copy(self)
-        clone.__dict__.update(self.__getstate__())
-        clone.config = {**self.config, **{k: str(v) for k, v in config.items()}}
-        return clone
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -290,9 +290,8 @@ def _first_of_equal_rows(table: Any, columns: Sequence[str]) -> np.ndarray:
     for name in columns:
         values = table.column(name)
         if pa.types.is_dictionary(values.type):
-            values = values.unify_dictionaries().combine_chunks()
-            codes = values.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-            size = len(values.dictionary)
+            codes, dictionary = _dictionary_codes(values)
+            size = len(dictionary)
         else:
             codes, uniques = pd.factorize(values.to_numpy(zero_copy_only=False))
             size = len(uniques)
@@ -305,17 +304,24 @@ def _first_of_equal_rows(table: Any, columns: Sequence[str]) -> np.ndarray:
     return np.sort(first)
 
 
+def _dictionary_codes(values: Any) -> tuple[np.ndarray, Any]:
+    """A dictionary-encoded Arrow column's int64 codes (-1 for a null) and its dictionary."""
+    import pyarrow as pa
+
+    if isinstance(values, pa.ChunkedArray):  # chunks may carry different dictionaries
+        values = values.unify_dictionaries().combine_chunks()
+    codes = values.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, values.dictionary
+
+
 def _column(values: Any) -> np.ndarray:
     """One Arrow column as numpy: dictionary (categorical) and string columns as ``str``
     objects (each category decoded once; a null as ``''``, which counts as missing)."""
     import pyarrow as pa
 
     if pa.types.is_dictionary(values.type):
-        if isinstance(values, pa.ChunkedArray):  # chunks may carry different dictionaries
-            values = values.unify_dictionaries().combine_chunks()
-        categories = np.array([str(v) for v in values.dictionary.to_pylist()] + [""],
-                              dtype=object)
-        codes = values.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        codes, dictionary = _dictionary_codes(values)
+        categories = np.array([str(v) for v in dictionary.to_pylist()] + [""], dtype=object)
         return categories[codes]
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         return np.array(values.fill_null("").to_pylist(), dtype=object)

@@ -310,8 +310,8 @@ def training_cache(config: TrainingConfig, store: CellSource, selection: Selecti
     One process per node builds it (the others wait, then map the same files); a cache that
     cannot be made (disk space, permissions) is reported in one line and the run streams
     from the source (slowly: a SOMA experiment is read cell by cell), whose batches are the
-    same bit for bit. ``target_sum`` is the streams'
-    normalisation, which the cache's values are stored with.
+    same bit for bit. ``target_sum`` is the streams' normalisation, which the cache's values
+    are stored with.
     """
     if config.cache == "off":
         return None

@@ -113,7 +113,8 @@ class TrainingCache:
         if not os.access(root, os.W_OK | os.X_OK):
             raise CacheError(f"the training cache folder {root} is not writable; pass another "
                              "cache_dir (--cache_dir)")
-        key = cache_key(store.identity(), cells, genes, store.n_genes, target_sum)
+        identity = store.identity()  # lists fragments: I/O, done once
+        key = cache_key(identity, cells, genes, store.n_genes, target_sum)
         final = root / key
         if final.is_dir() and problem(final, key) is None:
             return cls._use(final)
@@ -141,7 +142,7 @@ class TrainingCache:
                 write_manifest(temp, {
                     "format_version": FORMAT_VERSION, "key": key,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "store": store.identity()["uri"], "target_sum": float(target_sum),
+                    "store": identity["uri"], "target_sum": float(target_sum),
                     "normalisation": NORMALISATION, **arrays})
                 _publish(temp, final, key)
             except OSError as exc:
